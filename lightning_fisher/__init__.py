@@ -1,0 +1,39 @@
+"""lightning-fisher: prune networks with second-order (Fisher) information at first-order cost.
+
+The public API is re-exported here. Names are imported on first use, so importing the plain-PyTorch
+core (``lightning_fisher.fisher``, ``.pruning``, ``.sparse``, ``.optim``) does not import Lightning.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    "ResNet18": "lightning_fisher.models",
+    "resnet18_cifar": "lightning_fisher.models",
+    "resnet18_tinyimagenet": "lightning_fisher.models",
+    "CIFAR10DataModule": "lightning_fisher.data",
+    "TinyImageNetDataModule": "lightning_fisher.data",
+    "DigitsDataModule": "lightning_fisher.data",
+    "ImageClassifier": "lightning_fisher.module",
+    "FisherContext": "lightning_fisher.fisher",
+    "FisherEstimator": "lightning_fisher.fisher",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'lightning_fisher' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
