@@ -1,0 +1,400 @@
+"""``FisherPruning``: the Lightning adapter of :class:`lightning_fisher.pruning.Pruner`.
+
+Hooks and what each does (one core call each):
+
+- ``on_fit_start``: select the weights and create the masks (``Pruner.prepare``), check the estimator
+  against the optimizer (``FisherEstimator.check``), and attach the mask to the optimizer.
+- ``on_train_epoch_start`` (``unit="epoch"``) / ``on_train_batch_start`` (``unit="step"``, and as a
+  safety net for epochs): prune when a prune is due (``Pruner.step``).
+- after every real ``optimizer.step()``: re-apply the masks (``Pruner.apply_`` via
+  ``torch.optim.Optimizer.register_step_post_hook``). This runs after gradient clipping and the step
+  itself, only on steps that happen: not on gradient-accumulation micro-batches, and not on steps that
+  AMP's ``GradScaler`` skips (the weights do not change then). ``on_before_zero_grad`` would be wrong:
+  Lightning calls it inside the closure after the next ``training_step`` forward, and
+  ``on_train_batch_end`` runs on every micro-batch rather than after every step.
+- ``on_train_epoch_end``: log ``pruning/target_sparsity`` and ``pruning/sparsity``.
+
+Pruning at position t happens before training epoch (or optimizer step) t: ``start_epoch=0`` prunes
+the initial model. With ``criterion="fisher"`` and an estimator that reads optimizer state (the
+Squisher: ``requires_data=False``), there is no Fisher before the first optimizer step, so a schedule
+that would remove weights at position 0 is an error at ``on_fit_start``; the gradual schedule with
+``initial_sparsity=0`` removes nothing at ``start_epoch`` and is always fine.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import Tensor
+from torch.utils.data import DataLoader
+from torch.utils.hooks import RemovableHandle
+
+from lightning_fisher.fisher.base import FisherContext, FisherEstimator
+from lightning_fisher.pruning.pruner import PruneEvent, Pruner
+from lightning_fisher.pruning.schedules import UNITS, Unit
+from lightning_fisher.pruning.scores import CRITERIA, Criterion
+
+__all__ = ["FisherPruning"]
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+class FisherPruning(Callback):
+    """Prune a model during training with Fisher (OBD/OBS), magnitude or random scores.
+
+    Implements gradual pruning (Zhu & Gupta 2017) with Optimal Brain Damage scores θ²F/2 (LeCun et al.
+    1990) from a diagonal Fisher, by default the free Squisher of "Fishers for Free?" (Li et al., ICML
+    2025); one-shot and iterative (Han et al. 2015) schedules; unstructured (per layer or global) and
+    N:M masks; OBS compensation (Hassibi & Stork 1993) with estimators that offer an inverse Fisher.
+
+    Masks live in this callback (``masks``, boolean tensors keyed by parameter FQN) and in its checkpoint
+    state, never in the model: weights stay plain ``nn.Parameter``s with zeros in place, so checkpoints
+    load without the callback, and ``torch.compile``, DDP and ``copy.deepcopy`` are unaffected.
+
+    Args:
+        target_sparsity: final fraction of pruned weights among the pruned layers, in [0, 1). Required
+            for ``pattern="unstructured"``; for ``"N:M"`` the pattern fixes it at (M − N)/M, so leave
+            it ``None`` (or give exactly that value).
+        estimator: the Fisher estimator for ``criterion="fisher"``; ``None`` means ``Squisher()``.
+            Ignored by the other criteria.
+        criterion: ``"fisher"``, ``"magnitude"`` (|θ|) or ``"random"``.
+        pattern: ``"unstructured"`` or ``"N:M"`` (0 < N < M), groups along the input dimension.
+        scope: ``"global"`` (one threshold over all pruned layers) or ``"layer"`` (same sparsity each).
+        schedule: ``"gradual"`` (cubic), ``"one_shot"`` or ``"iterative"``.
+        start_epoch: first pruning position (in optimizer steps when ``unit="step"``).
+        end_epoch: position where ``gradual`` reaches the target (steps when ``unit="step"``).
+        frequency: positions between prunes (``gradual``, ``iterative``).
+        unit: ``"epoch"`` or ``"step"`` (optimizer steps, i.e. ``trainer.global_step``).
+        initial_sparsity: sparsity at ``start_epoch`` (gradual) or before the first cycle (iterative).
+        iterative_fraction: fraction of the remaining weights removed per iterative cycle.
+        include, exclude: ``fnmatch`` patterns on module or parameter FQNs (see ``select_parameters``).
+        keep_first_dense, keep_last_dense: keep the stem conv and the classifier (last Linear) dense.
+        seed: seed of the ``random`` criterion.
+        compensate: apply the OBS update to the survivors (needs ``estimator.supports_inverse``).
+        verbose: log one line per prune (rank zero).
+
+    Example::
+
+        FisherPruning(estimator=Squisher(), target_sparsity=0.95, pattern="unstructured",
+                      scope="global", start_epoch=10, end_epoch=40, frequency=1)
+    """
+
+    def __init__(
+        self,
+        target_sparsity: float | None = None,
+        estimator: FisherEstimator | None = None,
+        criterion: Criterion = "fisher",
+        pattern: str = "unstructured",
+        scope: Literal["layer", "global"] = "global",
+        schedule: Literal["gradual", "one_shot", "iterative"] = "gradual",
+        start_epoch: int = 0,
+        end_epoch: int | None = None,
+        frequency: int = 1,
+        unit: Unit = "epoch",
+        initial_sparsity: float = 0.0,
+        iterative_fraction: float = 0.2,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] = (),
+        keep_first_dense: bool = True,
+        keep_last_dense: bool = True,
+        seed: int = 0,
+        compensate: bool = False,
+        verbose: bool = True,
+    ) -> None:
+        if unit not in UNITS:
+            raise ValueError(f"unit={unit!r}: must be one of {UNITS}")
+        if criterion not in CRITERIA:
+            raise ValueError(f"criterion={criterion!r}: must be one of {CRITERIA}")
+        if not isinstance(start_epoch, int) or start_epoch < 0:
+            raise ValueError(f"start_epoch={start_epoch!r}: must be a non-negative integer")
+        if schedule == "gradual":
+            if end_epoch is None:
+                raise ValueError("end_epoch=None: the gradual schedule needs end_epoch > start_epoch")
+            if not isinstance(end_epoch, int) or end_epoch <= start_epoch:
+                raise ValueError(f"end_epoch={end_epoch!r}: must be an integer greater than start_epoch={start_epoch}")
+        if isinstance(include, str) or isinstance(exclude, str):
+            raise TypeError(f"include={include!r}, exclude={exclude!r}: must be lists of patterns, not strings")
+        if criterion == "fisher":
+            if estimator is None:
+                from lightning_fisher.fisher.squisher import Squisher
+
+                estimator = Squisher()
+            if not isinstance(estimator, FisherEstimator):
+                raise TypeError(f"estimator={estimator!r}: must be a FisherEstimator")
+            if compensate and not estimator.supports_inverse:
+                raise ValueError(
+                    f"compensate=True: estimator={estimator!r} offers no inverse Fisher; diagonal estimators "
+                    "prune with OBD and no compensation (use compensate=False)"
+                )
+        elif compensate:
+            raise ValueError(f"compensate=True: needs criterion='fisher', got criterion={criterion!r}")
+        self.pruner = Pruner(
+            target_sparsity=target_sparsity,
+            criterion=criterion,
+            pattern=pattern,
+            scope=scope,
+            schedule=schedule,
+            start=start_epoch,
+            end=end_epoch,
+            frequency=frequency,
+            initial_sparsity=initial_sparsity,
+            iterative_fraction=iterative_fraction,
+            include=include,
+            exclude=exclude,
+            keep_first_dense=keep_first_dense,
+            keep_last_dense=keep_last_dense,
+            seed=seed,
+            compensate=compensate,
+        )
+        self.estimator = estimator if criterion == "fisher" else None
+        self.criterion = criterion
+        self.unit = unit
+        self.verbose = verbose
+        self.include = None if include is None else list(include)
+        self.exclude = list(exclude)
+        self.pattern = str(self.pruner.pattern)
+        self._handles: list[RemovableHandle] = []
+        self._metric_prefix = "pruning/"
+        self._first_batch_size: int | None = None
+
+    # ------------------------------------------------------------ public view
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(include=self.include, exclude=self.exclude, pattern=self.pattern)
+
+    @property
+    def masks(self) -> dict[str, Tensor]:
+        """``{fqn: bool tensor}``, True = kept, for the pruned parameters (empty before ``fit``)."""
+        return self.pruner.masks
+
+    @property
+    def scheduled_sparsity(self) -> float:
+        """The schedule's target sparsity of the pruned weights at the current position."""
+        last = self.pruner.position.last_pruned
+        return 0.0 if last is None else self.pruner.scheduled_sparsity(last)
+
+    @property
+    def sparsity(self) -> float:
+        """The achieved sparsity of the pruned weights."""
+        return self.pruner.sparsity() if self.pruner.prepared else 0.0
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        mine = [cb for cb in trainer.callbacks if isinstance(cb, FisherPruning)]
+        self._metric_prefix = "pruning/" if len(mine) <= 1 else f"pruning/{mine.index(self)}/"
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._prepared_for(pl_module):
+            self.pruner.prepare(pl_module)
+        if self.estimator is not None:
+            self.estimator.check(self._optimizer(trainer))
+            self._check_fisher_before_first_step()
+        self._warn_if_schedule_outlasts_training(trainer)
+        self._remove_handles()
+        for optimizer in trainer.optimizers:
+            if self._holds_pruned(optimizer):
+                self._handles.append(self.pruner.attach(optimizer))
+        self.pruner.apply_()
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.unit == "epoch":
+            self._maybe_prune(trainer, pl_module, trainer.current_epoch)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._first_batch_size is None:
+            self._first_batch_size = _batch_size_of(batch)
+        position = trainer.global_step if self.unit == "step" else trainer.current_epoch
+        self._maybe_prune(trainer, pl_module, position)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # the values agree on every rank; sync_dist only keeps Lightning from warning under DDP
+        for name, value in (("target_sparsity", self.scheduled_sparsity), ("sparsity", self.sparsity)):
+            pl_module.log(f"{self._metric_prefix}{name}", value, on_step=False, on_epoch=True, sync_dist=True)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._remove_handles()
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "unit": self.unit,
+            "pruner": self.pruner.state_dict(),
+            "estimator": self.estimator.state_dict() if self.estimator is not None else {},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("version") != STATE_VERSION:
+            raise ValueError(f"FisherPruning state version {state_dict.get('version')!r}: expected {STATE_VERSION}")
+        if state_dict["unit"] != self.unit:
+            raise ValueError(
+                f"unit={self.unit!r}: the checkpoint's schedule position counts {state_dict['unit']!r}s"
+            )
+        self.pruner.load_state_dict(state_dict["pruner"])
+        if self.estimator is not None:
+            self.estimator.load_state_dict(state_dict.get("estimator", {}))
+
+    # -------------------------------------------------------------- internals
+    def _prepared_for(self, pl_module: L.LightningModule) -> bool:
+        if not self.pruner.prepared:
+            return False
+        own = {id(p) for p in pl_module.parameters()}
+        return all(id(p) in own for p in self.pruner.parameters.values())
+
+    def _holds_pruned(self, optimizer: torch.optim.Optimizer) -> bool:
+        pruned = {id(p) for p in self.pruner.parameters.values()}
+        return any(id(p) in pruned for group in optimizer.param_groups for p in group["params"])
+
+    def _optimizer(self, trainer: L.Trainer) -> torch.optim.Optimizer | None:
+        return next((opt for opt in trainer.optimizers if self._holds_pruned(opt)), None)
+
+    def _remove_handles(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _check_fisher_before_first_step(self) -> None:
+        if self.estimator is None or self.estimator.requires_data or self.pruner.position.last_pruned is not None:
+            return
+        first = next((p for p in self.pruner.schedule.positions() if self.pruner.schedule.level_at(p) > 0.0), None)
+        if first == 0:
+            raise ValueError(
+                f"start_epoch=0: criterion='fisher' with {self.estimator!r} would prune at {self.unit} 0, before any "
+                "optimizer step, when the optimizer holds no Fisher information yet. Start at 1 or later, use the "
+                "gradual schedule with initial_sparsity=0 (nothing is removed at start_epoch), or an estimator "
+                "that reads data (EmpiricalFisher)"
+            )
+
+    def _warn_if_schedule_outlasts_training(self, trainer: L.Trainer) -> None:
+        last = self.pruner.schedule.last
+        limit = trainer.max_epochs if self.unit == "epoch" else trainer.max_steps
+        if limit is not None and limit >= 0 and last >= limit:
+            rank_zero_warn(
+                f"FisherPruning: the last prune is at {self.unit} {last} but training stops at "
+                f"max_{self.unit}s={limit}: "
+                f"the target sparsity {self.pruner.target_sparsity:g} will not be reached"
+            )
+
+    def _maybe_prune(self, trainer: L.Trainer, pl_module: L.LightningModule, position: int) -> None:
+        if not self.pruner.due(position):
+            return
+        fisher = inverse_diag = inverse_product = None
+        if self.estimator is not None and self.pruner.needs_scores(position):
+            if trainer.global_step == 0 and not self.estimator.requires_data:
+                raise RuntimeError(
+                    f"FisherPruning: {self.estimator!r} has no Fisher before the first optimizer step "
+                    f"({self.unit} {position}); prune later or use a data-based estimator"
+                )
+            context = self._context(trainer, pl_module)
+            if self.pruner.compensate:
+                inverse_diag = self._all_reduce(trainer, self.estimator.inverse_diagonal(context))
+                inverse_product = partial(self.estimator.inverse_product, context)
+            else:
+                fisher = self._all_reduce(trainer, self.estimator.diagonal(context))
+        sync = partial(trainer.strategy.broadcast, src=0) if trainer.world_size > 1 else None
+        event = self.pruner.step(
+            position, fisher, inverse_diag=inverse_diag, inverse_product=inverse_product, sync=sync
+        )
+        if event is None:
+            return
+        if trainer.world_size > 1 and self.pruner.compensate:
+            self._broadcast_weights(trainer)
+        if self.verbose:
+            rank_zero_info(self._describe(event))
+
+    def _all_reduce(self, trainer: L.Trainer, values: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self.estimator is None or not self.estimator.needs_all_reduce or trainer.world_size <= 1:
+            return values
+        return {name: trainer.strategy.reduce(v, reduce_op="mean") for name, v in values.items()}
+
+    def _broadcast_weights(self, trainer: L.Trainer) -> None:
+        """After OBS compensation every rank takes rank 0's pruned weights (the masks were synced before)."""
+        weights = {n: p.detach().cpu() for n, p in self.pruner.parameters.items()}
+        weights = trainer.strategy.broadcast(weights, src=0)
+        with torch.no_grad():
+            for name, param in self.pruner.parameters.items():
+                param.copy_(weights[name])
+        self.pruner.apply_()
+
+    def _describe(self, event: PruneEvent) -> str:
+        return (
+            f"FisherPruning: {self.unit}={event.position} target_sparsity={event.target_sparsity:.4f} "
+            f"sparsity={event.sparsity:.4f} pruned={event.pruned}/{event.total} criterion={self.criterion} "
+            f"pattern={self.pattern} scope={self.pruner.scope} layers={len(self.pruner.masks)}"
+        )
+
+    def _context(self, trainer: L.Trainer, pl_module: L.LightningModule) -> FisherContext:
+        assert self.estimator is not None
+        loss = getattr(pl_module, "loss", None)
+        return FisherContext(
+            model=pl_module,
+            parameters=dict(self.pruner.parameters),
+            optimizer=self._optimizer(trainer),
+            batches=partial(_training_batches, trainer, pl_module) if self.estimator.requires_data else None,
+            loss_fn=loss if callable(loss) else F.cross_entropy,
+            batch_size=_loader_batch_size(trainer) or self._first_batch_size,
+            accumulate_grad_batches=trainer.accumulate_grad_batches,
+            world_size=trainer.world_size,
+        )
+
+
+def _train_loader(trainer: L.Trainer) -> Any:
+    # A fresh loader from the datamodule, so the fit loop's own iterator (and persistent workers) are untouched.
+    if trainer.datamodule is not None:
+        return trainer.datamodule.train_dataloader()
+    loader = trainer.train_dataloader
+    if loader is None or isinstance(loader, (list, tuple, dict)):
+        raise ValueError(
+            f"FisherPruning: a data-based Fisher estimator needs one training DataLoader, found {type(loader).__name__}"
+        )
+    return loader
+
+
+def _training_batches(trainer: L.Trainer, pl_module: L.LightningModule) -> Iterator[tuple[Tensor, Tensor]]:
+    """Training batches as the training step sees them: on device, after the batch-transfer hooks."""
+    before = _before_transfer_hook(trainer, pl_module)
+    for batch in _train_loader(trainer):
+        if before is not None:
+            batch = before(batch, 0)
+        batch = trainer.strategy.batch_to_device(batch)
+        yield batch[0], batch[1]
+
+
+def _before_transfer_hook(trainer: L.Trainer, pl_module: L.LightningModule) -> Callable[[Any, int], Any] | None:
+    # Same precedence as Lightning's data-hook selector: the datamodule's override wins.
+    datamodule = trainer.datamodule
+    if datamodule is not None and is_overridden("on_before_batch_transfer", datamodule, L.LightningDataModule):
+        return datamodule.on_before_batch_transfer
+    if is_overridden("on_before_batch_transfer", pl_module, L.LightningModule):
+        return pl_module.on_before_batch_transfer
+    return None
+
+
+def _loader_batch_size(trainer: L.Trainer) -> int | None:
+    loader = trainer.train_dataloader
+    if isinstance(loader, DataLoader):
+        if loader.batch_size is not None:
+            return loader.batch_size
+        return getattr(loader.batch_sampler, "batch_size", None)
+    return None
+
+
+def _batch_size_of(batch: Any) -> int | None:
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor) and batch[0].ndim > 0:
+        return int(batch[0].shape[0])
+    if isinstance(batch, Tensor) and batch.ndim > 0:
+        return int(batch.shape[0])
+    return None

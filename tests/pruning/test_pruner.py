@@ -1,0 +1,261 @@
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from lightning_fisher.pruning.patterns import to_reduction_layout
+from lightning_fisher.pruning.pruner import Pruner
+from lightning_fisher.pruning.surgeon import obs_update
+
+
+class Net(nn.Module):
+    """stem (in=3, dense by default), c1 (in=8), c2 (in=6: not a multiple of 4), fc1, fc (classifier)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3)
+        self.c1 = nn.Conv2d(8, 6, 3)
+        self.c2 = nn.Conv2d(6, 8, 3)
+        self.fc1 = nn.Linear(16, 12)
+        self.fc = nn.Linear(12, 10)
+
+
+def _net(seed: int = 0) -> Net:
+    torch.manual_seed(seed)
+    return Net()
+
+
+def _pruned_counts(pruner: Pruner) -> dict[str, int]:
+    return {k: int((~m).sum()) for k, m in pruner.masks.items()}
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_gradual_reaches_the_target_exactly(scope):
+    net = _net()
+    pruner = Pruner(0.8, criterion="magnitude", scope=scope, start=1, end=5, frequency=2)
+    pruner.prepare(net)
+    assert list(pruner.parameters) == ["c1.weight", "c2.weight", "fc1.weight"]
+    targets = []
+    for t in range(8):
+        event = pruner.step(t)
+        if event is not None:
+            targets.append((t, event.target_sparsity))
+    assert [t for t, _ in targets] == [1, 3, 5]
+    assert targets[-1][1] == 0.8 and targets[1][1] == pytest.approx(0.8 * (1 - 0.5**3))
+    counts = _pruned_counts(pruner)
+    if scope == "layer":
+        for name, p in pruner.parameters.items():
+            assert counts[name] == round(0.8 * p.numel())
+            assert (p[~pruner.masks[name]] == 0).all()
+    else:
+        total = sum(p.numel() for p in pruner.parameters.values())
+        assert sum(counts.values()) == round(0.8 * total)
+    # within one weight per layer
+    total = sum(p.numel() for p in pruner.parameters.values())
+    assert pruner.sparsity() == pytest.approx(0.8, abs=len(pruner.masks) / total)
+
+
+def test_masks_are_monotone_over_steps():
+    net = _net()
+    pruner = Pruner(0.9, criterion="random", start=0, end=6)
+    pruner.prepare(net)
+    previous = {k: m.clone() for k, m in pruner.masks.items()}
+    for t in range(7):
+        pruner.step(t)
+        for k, m in pruner.masks.items():
+            assert not (m & ~previous[k]).any()  # nothing comes back
+        previous = {k: m.clone() for k, m in pruner.masks.items()}
+
+
+def test_iterative_reaches_the_target():
+    pruner = Pruner(0.8, criterion="magnitude", schedule="iterative", iterative_fraction=0.5, start=0, frequency=1)
+    pruner.prepare(_net())
+    levels = [pruner.step(t).target_sparsity for t in range(3)]
+    assert levels == pytest.approx([0.5, 0.75, 0.8]) and pruner.step(3) is None
+    total = sum(p.numel() for p in pruner.parameters.values())
+    assert sum(_pruned_counts(pruner).values()) == round(0.8 * total)
+
+
+def test_nm_gradual_reaches_every_group_and_skips_ineligible_layers():
+    net = _net()
+    pruner = Pruner(criterion="magnitude", pattern="2:4", scope="layer", start=0, end=4, frequency=1)
+    with pytest.warns(UserWarning, match=r"stay dense.*\['c2.weight'\]"):
+        pruner.prepare(net)
+    assert list(pruner.parameters) == ["c1.weight", "fc1.weight"]
+    fractions = []
+    for t in range(5):
+        pruner.step(t)
+        held = [(to_reduction_layout(m).reshape(-1, 4).sum(1) <= 2).float().mean().item() for m in pruner.masks.values()]
+        fractions.append(held)
+    # cubic ramp of the fraction of groups at 2:4, reaching 100% at end=4
+    for t, held in enumerate(fractions):
+        expected = 1 - (1 - t / 4) ** 3
+        for h, m in zip(held, pruner.masks.values()):
+            groups = m.numel() // 4
+            assert abs(h - expected) <= 1 / groups + 1e-9
+    assert fractions[-1] == [1.0, 1.0]
+    for m in pruner.masks.values():
+        assert (to_reduction_layout(m).reshape(-1, 4).sum(1) == 2).all()
+    assert pruner.sparsity() == 0.5 and pruner.scheduled_sparsity(4) == 0.5
+
+
+def test_one_shot_prunes_once():
+    pruner = Pruner(0.5, criterion="magnitude", schedule="one_shot", start=2, end=99)
+    pruner.prepare(_net())
+    assert pruner.step(0) is None and pruner.step(1) is None
+    assert pruner.step(2).sparsity == pytest.approx(0.5, abs=1e-3)
+    assert pruner.step(3) is None and not pruner.due(10)
+
+
+def test_state_dict_round_trip_into_a_fresh_model_resumes_identically():
+    def run(pruner: Pruner, positions: range) -> None:
+        for t in positions:
+            pruner.step(t)
+
+    reference = Pruner(0.9, criterion="random", start=0, end=6, seed=3)
+    reference.prepare(_net())
+    run(reference, range(7))
+
+    first = Pruner(0.9, criterion="random", start=0, end=6, seed=3)
+    first.prepare(_net())
+    run(first, range(3))
+    state = first.state_dict()
+    assert state["version"] == 1 and state["position"] == {"last_pruned": 2, "num_prunes": 3}
+    assert all(v.dtype == torch.bool and v.device.type == "cpu" for v in state["masks"].values())
+
+    resumed = Pruner(0.9, criterion="random", start=0, end=6, seed=3)
+    resumed.load_state_dict(state)  # before prepare: kept and applied by prepare
+    net = _net()
+    resumed.prepare(net)
+    assert (net.c1.weight[~resumed.masks["c1.weight"]] == 0).all()
+    run(resumed, range(3, 7))
+    assert all(torch.equal(resumed.masks[k], reference.masks[k]) for k in reference.masks)
+
+
+def test_load_state_dict_is_strict():
+    pruner = Pruner(0.5, criterion="magnitude", start=0, end=2)
+    pruner.prepare(_net())
+    state = pruner.state_dict()
+    other = Pruner(0.5, criterion="magnitude", start=0, end=2, include=["c1", "fc1"])
+    other.prepare(_net())
+    with pytest.raises(KeyError, match=r"missing \[\], unexpected \['c2.weight'\]"):
+        other.load_state_dict(state)
+    with pytest.raises(ValueError, match="pruner state version 7"):
+        other.load_state_dict({**state, "version": 7})
+
+
+def test_attach_keeps_weights_zero_after_every_step_and_skipped_amp_steps():
+    net = _net()
+    pruner = Pruner(0.7, criterion="magnitude", schedule="one_shot", start=0)
+    pruner.prepare(net)
+    pruner.step(0)
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.1, weight_decay=0.1)
+    handle = pruner.attach(optimizer)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    x = torch.randn(4, 3, 8, 8)
+    for i in range(5):
+        optimizer.zero_grad()
+        out = net.fc(net.fc1(net.c2(net.c1(net.stem(x))).mean((2, 3)).repeat(1, 2)))
+        loss = out.square().mean() * (float("inf") if i == 2 else 1.0)  # step 2 is skipped by the scaler
+        scaler.scale(loss).backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 0.1)
+        scaler.step(optimizer)
+        scaler.update()
+        for name, p in pruner.parameters.items():
+            assert (p[~pruner.masks[name]] == 0).all(), (i, name)
+    assert optimizer.state[net.c1.weight]["exp_avg_sq"].abs().sum() > 0  # the Squisher's Fisher is untouched
+    handle.remove()
+
+
+def test_obs_single_weight_matches_the_closed_form():
+    torch.manual_seed(0)
+    w = torch.randn(2, 3)
+    a = torch.randn(6, 6)
+    q = a @ a.T + 0.5 * torch.eye(6)  # SPD
+    pruned = torch.zeros(2, 3, dtype=torch.bool)
+    pruned[1, 0] = True
+    qi = 3
+    delta = obs_update({"w": w}, {"w": pruned}, {"w": torch.diagonal(q).reshape(2, 3)},
+                       lambda v: {k: (q @ x.flatten()).reshape(x.shape) for k, x in v.items()})["w"]
+    expected = -q[:, qi] * w.flatten()[qi] / q[qi, qi]  # δθ = −Q e_q θ_q / Q_qq
+    torch.testing.assert_close(delta.flatten(), expected)
+    assert (w + delta).flatten()[qi].abs() < 1e-5  # the pruned weight lands on zero by itself
+
+
+def test_compensating_pruner_with_diagonal_inverse_equals_obd():
+    torch.manual_seed(0)
+    fisher = {}
+
+    def make(compensate: bool) -> tuple[Pruner, Net]:
+        net = _net()
+        pruner = Pruner(0.5, criterion="fisher", schedule="one_shot", start=0, compensate=compensate)
+        pruner.prepare(net)
+        return pruner, net
+
+    obd, net_obd = make(False)
+    fisher.update({k: torch.rand_like(p) + 0.1 for k, p in obd.parameters.items()})
+    obd.step(0, fisher)
+    obs, net_obs = make(True)
+    inverse = {k: 1 / f for k, f in fisher.items()}
+    obs.step(0, inverse_diag=inverse, inverse_product=lambda v: {k: inverse[k] * x for k, x in v.items()})
+    for k in obd.masks:
+        assert torch.equal(obd.masks[k], obs.masks[k])
+        torch.testing.assert_close(obd.parameters[k].detach(), obs.parameters[k].detach())
+
+
+def test_compensating_pruner_moves_survivors_with_a_dense_inverse():
+    net = _net()
+    pruner = Pruner(0.5, criterion="fisher", schedule="one_shot", start=0, compensate=True, include=["fc1"])
+    pruner.prepare(net)
+    w = net.fc1.weight.detach().clone()
+    n = w.numel()
+    a = torch.randn(n, n, generator=torch.Generator().manual_seed(0)) / math.sqrt(n)
+    q = a @ a.T + 0.1 * torch.eye(n)
+    diag = {"fc1.weight": torch.diagonal(q).reshape(w.shape)}
+    pruner.step(0, inverse_diag=diag, inverse_product=lambda v: {k: (q @ x.flatten()).reshape(x.shape) for k, x in v.items()})
+    mask = pruner.masks["fc1.weight"]
+    expected = w.flatten() - q @ torch.where(~mask, w / diag["fc1.weight"], torch.zeros_like(w)).flatten()
+    torch.testing.assert_close(net.fc1.weight.detach()[mask], expected.reshape(w.shape)[mask])
+    assert (net.fc1.weight[~mask] == 0).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(target_sparsity=1.0), r"target_sparsity=1.0: must be in \[0, 1\)"),
+        (dict(target_sparsity=-0.1), r"target_sparsity=-0.1: must be in \[0, 1\)"),
+        (dict(target_sparsity=None), r"target_sparsity=None: an unstructured pattern needs"),
+        (dict(target_sparsity=0.9, pattern="2:4"), r"target_sparsity=0.9: pattern='2:4' prunes exactly"),
+        (dict(pattern="2:4", schedule="iterative"), r"schedule='iterative': not available with pattern='2:4'"),
+        (dict(pattern="2:4", initial_sparsity=0.1), r"initial_sparsity=0.1: must be 0 with an N:M pattern"),
+        (dict(target_sparsity=0.5, initial_sparsity=0.6), r"initial_sparsity=0.6: must be in \[0, target_sparsity=0.5\]"),
+        (dict(target_sparsity=0.5, criterion="taylor"), r"criterion='taylor': must be one of"),
+        (dict(target_sparsity=0.5, scope="net"), r"scope='net': must be one of"),
+        (dict(target_sparsity=0.5, schedule="cubic"), r"schedule='cubic': must be one of"),
+        (dict(target_sparsity=0.5, criterion="magnitude", compensate=True), r"compensate=True: needs criterion='fisher'"),
+    ],
+)
+def test_pruner_validation(kwargs, match):
+    kwargs.setdefault("end", 3)
+    with pytest.raises(ValueError, match=match):
+        Pruner(**kwargs)
+
+
+def test_fisher_criterion_needs_a_complete_finite_estimate():
+    pruner = Pruner(0.5, criterion="fisher", schedule="one_shot", start=0)
+    pruner.prepare(_net())
+    with pytest.raises(ValueError, match="fisher=None: criterion='fisher' needs a Fisher estimate"):
+        pruner.step(0)
+    partial = {"c1.weight": torch.ones_like(pruner.parameters["c1.weight"])}
+    with pytest.raises(KeyError, match=r"no entry for pruned parameters \['c2.weight', 'fc1.weight'\]"):
+        pruner.step(0, partial)
+    broken = {k: torch.full_like(p, float("nan")) for k, p in pruner.parameters.items()}
+    with pytest.raises(ValueError, match="contain NaN"):
+        pruner.step(0, broken)
+    assert pruner.due(0)  # a failed step does not advance the schedule
+
+
+def test_step_before_prepare_is_an_error():
+    with pytest.raises(RuntimeError, match=r"prepare\(model\) must be called first"):
+        Pruner(0.5, end=3).step(0)
