@@ -22,6 +22,23 @@ _EXPORTS: dict[str, str] = {
     "ImageClassifier": "lightning_fisher.module",
     "FisherContext": "lightning_fisher.fisher",
     "FisherEstimator": "lightning_fisher.fisher",
+    "Squisher": "lightning_fisher.fisher",
+    "EmpiricalFisher": "lightning_fisher.fisher",
+    "MonteCarloFisher": "lightning_fisher.fisher",
+    "KroneckerFisher": "lightning_fisher.fisher",
+    "FisherPruning": "lightning_fisher.callbacks",
+    "SparsityMonitor": "lightning_fisher.callbacks",
+    "sparsity_report": "lightning_fisher.pruning",
+    "export_pruned": "lightning_fisher.pruning",
+    "load_pruned": "lightning_fisher.pruning",
+    "AdaFisher": "lightning_fisher.optim",
+    "AdaFisherW": "lightning_fisher.optim",
+    "to_sparse": "lightning_fisher.sparse",
+    "to_dense": "lightning_fisher.sparse",
+    "sparsify_": "lightning_fisher.sparse",
+    "NMSparseLinear": "lightning_fisher.sparse",
+    "NMSparseConv2d": "lightning_fisher.sparse",
+    "SparseReport": "lightning_fisher.sparse",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import inspect
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -27,12 +29,15 @@ class ImageClassifier(L.LightningModule):
         optimizer: a factory ``params -> Optimizer``, e.g. ``functools.partial(torch.optim.SGD, lr=0.1)``
             (Hydra's ``_partial_: true``). It receives two parameter groups: weights with decay, and
             norm/bias parameters with ``weight_decay=0`` (when ``decay_norm_and_bias`` is False).
+            Factories that accept ``model=`` (AdaFisher, which hooks the network's layers) also get the net.
+            Only ``fit`` needs it: a module loaded for inference may leave it ``None``.
         scheduler: a factory ``Optimizer -> LRScheduler`` stepped once per epoch, or ``None``.
         label_smoothing: cross-entropy label smoothing.
         top_k: accuracies to report; ``(1, 5)`` logs ``acc`` and ``acc_top5``.
         decay_norm_and_bias: apply weight decay to 1-D parameters (norm scales, biases) too.
 
-    The network is not stored in the hyper-parameters: reload a checkpoint with
+    The network and the optimizer/scheduler factories are not stored in the hyper-parameters (a
+    checkpoint holds only plain values, so it loads with ``weights_only=True``): reload one with
     ``ImageClassifier.load_from_checkpoint(path, net=resnet18_cifar(...))``.
     """
 
@@ -40,7 +45,7 @@ class ImageClassifier(L.LightningModule):
         self,
         net: nn.Module,
         num_classes: int,
-        optimizer: OptimizerFactory,
+        optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
         label_smoothing: float = 0.0,
         top_k: Sequence[int] = (1,),
@@ -52,7 +57,7 @@ class ImageClassifier(L.LightningModule):
         top_k = tuple(top_k)
         if not top_k or any(not isinstance(k, int) or not 1 <= k <= num_classes for k in top_k):
             raise ValueError(f"top_k={top_k}: must be a non-empty list of integers in [1, num_classes={num_classes}]")
-        self.save_hyperparameters(ignore=["net"])
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
         self.net = net
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -99,7 +104,11 @@ class ImageClassifier(L.LightningModule):
         groups = [{"params": decay}]
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0})
-        optimizer = self.optimizer_factory(groups)
+        if self.optimizer_factory is None:
+            raise ValueError("optimizer=None: an optimizer factory is needed to train (params -> torch.optim.Optimizer)")
+        optimizer = self.optimizer_factory(groups, **_model_kwargs(self.optimizer_factory, self.net))
+        if hasattr(optimizer, "attach_grad_scaler") and self._trainer is not None:
+            optimizer.attach_grad_scaler(getattr(self.trainer.precision_plugin, "scaler", None))
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"}}
@@ -107,3 +116,12 @@ class ImageClassifier(L.LightningModule):
 
 def _metric_name(k: int) -> str:
     return "acc" if k == 1 else f"acc_top{k}"
+
+
+def _model_kwargs(factory: OptimizerFactory, net: nn.Module) -> dict[str, nn.Module]:
+    """Optimizers that hook the network (AdaFisher) take it as ``model=``."""
+    try:
+        accepts_model = "model" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        accepts_model = False
+    return {"model": net} if accepts_model else {}

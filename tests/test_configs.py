@@ -33,7 +33,8 @@ def test_optimizer_options_build(compose_config, option):
     import torch
 
     factory = instantiate(compose_config(f"optimizer={option}").optimizer)
-    assert isinstance(factory([torch.nn.Parameter(torch.zeros(2))]), torch.optim.Optimizer)
+    kwargs = {"model": torch.nn.Linear(2, 2)} if "model" in inspect.signature(factory).parameters else {}
+    assert isinstance(factory([torch.nn.Parameter(torch.zeros(2))], **kwargs), torch.optim.Optimizer)
 
 
 @pytest.mark.parametrize("option", _group_options("logger"))

@@ -1,0 +1,18 @@
+"""Fisher estimators: one interface (:mod:`.base`), one file per estimator."""
+
+from lightning_fisher.fisher.base import FisherContext, FisherEstimator, LossFn
+from lightning_fisher.fisher.empirical import EmpiricalFisher
+from lightning_fisher.fisher.kronecker import KroneckerFisher
+from lightning_fisher.fisher.monte_carlo import MonteCarloFisher
+from lightning_fisher.fisher.squisher import SUPPORTED_OPTIMIZERS, Squisher
+
+__all__ = [
+    "SUPPORTED_OPTIMIZERS",
+    "EmpiricalFisher",
+    "FisherContext",
+    "FisherEstimator",
+    "KroneckerFisher",
+    "LossFn",
+    "MonteCarloFisher",
+    "Squisher",
+]
