@@ -85,6 +85,23 @@ class _NMSparseBase(nn.Module):
             if bias is not None and self.bias is not None:
                 self.bias.copy_(bias)
 
+    def _adopt(self, module: nn.Linear | nn.Conv2d) -> None:
+        """Take ``module``'s (N:M) weight, bias, trainability and mode."""
+        self._load_compressed(module.weight.detach(), module.bias.detach() if module.bias is not None else None)
+        self.values.requires_grad_(module.weight.requires_grad)
+        self.train(module.training)
+
+    def dense_weight(self) -> Tensor:
+        raise NotImplementedError
+
+    def _fill_dense(self, dense: nn.Linear | nn.Conv2d) -> nn.Linear | nn.Conv2d:
+        """Give a (meta-device) dense layer this layer's weight with zeros in place, bias and mode."""
+        dense.weight = nn.Parameter(self.dense_weight().detach().clone(), requires_grad=self.values.requires_grad)
+        if self.bias is not None:
+            dense.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=self.bias.requires_grad)
+        dense.train(self.training)
+        return dense
+
     def _cast(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         values = self.values if self.values.dtype == x.dtype else self.values.to(x.dtype)
         bias = self.bias
@@ -169,9 +186,7 @@ class NMSparseLinear(_NMSparseBase):
             semi_structured(weight.to(weight.dtype if weight.dtype in _SEMI_DTYPES else torch.float16))
         sparse = cls(module.in_features, module.out_features, n, m, module.bias is not None, backend,
                      device=weight.device, dtype=weight.dtype)
-        sparse._load_compressed(weight, module.bias.detach() if module.bias is not None else None)
-        sparse.values.requires_grad_(module.weight.requires_grad)
-        sparse.train(module.training)
+        sparse._adopt(module)
         return sparse
 
     def dense_weight(self) -> Tensor:
@@ -182,11 +197,7 @@ class NMSparseLinear(_NMSparseBase):
         """An ``nn.Linear`` with the same weight (zeros in place) and bias, same device and dtype."""
         dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta",
                           dtype=self.values.dtype)
-        dense.weight = nn.Parameter(self.dense_weight().detach().clone(), requires_grad=self.values.requires_grad)
-        if self.bias is not None:
-            dense.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=self.bias.requires_grad)
-        dense.train(self.training)
-        return dense
+        return self._fill_dense(dense)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
@@ -286,9 +297,7 @@ class NMSparseConv2d(_NMSparseBase):
             semi_structured(matrix.to(matrix.dtype if matrix.dtype in _SEMI_DTYPES else torch.float16))
         sparse = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
                      module.dilation, n, m, module.bias is not None, backend, device=weight.device, dtype=weight.dtype)
-        sparse._load_compressed(weight, module.bias.detach() if module.bias is not None else None)
-        sparse.values.requires_grad_(module.weight.requires_grad)
-        sparse.train(module.training)
+        sparse._adopt(module)
         return sparse
 
     def dense_weight(self) -> Tensor:
@@ -299,11 +308,7 @@ class NMSparseConv2d(_NMSparseBase):
         """An ``nn.Conv2d`` with the same weight (zeros in place) and bias, same device and dtype."""
         dense = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
                           self.dilation, bias=self.bias is not None, device="meta", dtype=self.values.dtype)
-        dense.weight = nn.Parameter(self.dense_weight().detach().clone(), requires_grad=self.values.requires_grad)
-        if self.bias is not None:
-            dense.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=self.bias.requires_grad)
-        dense.train(self.training)
-        return dense
+        return self._fill_dense(dense)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
