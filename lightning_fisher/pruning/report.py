@@ -14,13 +14,32 @@ PRUNABLE_MODULES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 """Module types whose ``weight`` counts as prunable when no parameter names are given."""
 
 
+def _is_compressed(module: nn.Module) -> bool:
+    """A sparse module of :mod:`lightning_fisher.sparse` (duck-typed: this package never imports it)."""
+    return callable(getattr(module, "dense_weight", None)) and isinstance(getattr(module, "values", None), torch.Tensor)
+
+
 def prunable_parameter_names(model: nn.Module) -> list[str]:
-    """FQNs of the ``weight`` of every Conv2d and Linear module, in module order."""
+    """FQNs of the ``weight`` of every Conv2d and Linear module, in module order.
+
+    A layer already swapped for an N:M sparse module (``lightning_fisher.sparse``) keeps its name
+    ``<layer>.weight``: the report reads its dense weight, zeros in place.
+    """
     return [
         f"{name}.weight" if name else "weight"
         for name, module in model.named_modules()
-        if isinstance(module, PRUNABLE_MODULES) and isinstance(getattr(module, "weight", None), torch.Tensor)
+        if (isinstance(module, PRUNABLE_MODULES) and isinstance(getattr(module, "weight", None), torch.Tensor))
+        or _is_compressed(module)
     ]
+
+
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters by FQN, plus ``<layer>.weight`` (dense, zeros in place) of every compressed layer."""
+    weights: dict[str, torch.Tensor] = dict(model.named_parameters())
+    for name, module in model.named_modules():
+        if _is_compressed(module):
+            weights[f"{name}.weight" if name else "weight"] = module.dense_weight().detach()
+    return weights
 
 
 def sparsity_report(model: nn.Module, parameter_names: Sequence[str] | None = None) -> list[dict[str, Any]]:
@@ -29,7 +48,8 @@ def sparsity_report(model: nn.Module, parameter_names: Sequence[str] | None = No
     Args:
         model: the network.
         parameter_names: FQNs of the parameters to report, in this order; ``None`` reports the weight of
-            every Conv2d and Linear module. Zeros are counted in the weights themselves (exact ``== 0``),
+            every Conv2d and Linear module (and every layer already swapped for an N:M sparse module,
+            as ``<layer>.weight``). Zeros are counted in the weights themselves (exact ``== 0``),
             so the table shows what the model holds, masked or not.
 
     Returns:
@@ -45,7 +65,8 @@ def sparsity_report(model: nn.Module, parameter_names: Sequence[str] | None = No
         >>> sorted(rows[0])
         ['name', 'numel', 'shape', 'sparsity', 'zeros']
     """
-    params = dict(model.named_parameters())
+    with torch.no_grad():
+        params = _weights(model)
     names = prunable_parameter_names(model) if parameter_names is None else list(parameter_names)
     unknown = [name for name in names if name not in params]
     if unknown:
