@@ -12,7 +12,17 @@ Hooks and what each does (one core call each):
   AMP's ``GradScaler`` skips (the weights do not change then). ``on_before_zero_grad`` would be wrong:
   Lightning calls it inside the closure after the next ``training_step`` forward, and
   ``on_train_batch_end`` runs on every micro-batch rather than after every step.
+- ``on_train_batch_end``, after a real optimizer step (flagged by the same step post-hook): call the
+  estimator's optional ``on_train_step`` (``FisherEstimator.on_train_step``; FishLeg learns its inverse
+  Fisher there) with the step's batch and the current masks, and log the metrics it returns
+  (``fishleg/aux_loss``, ``fishleg/diag_agreement``). Skipped for estimators that do not override it.
 - ``on_train_epoch_end``: log ``pruning/target_sparsity`` and ``pruning/sparsity``.
+
+Starting from a dense checkpoint (``trainer.fit(ckpt_path=...)`` of a run of the same model and
+optimizer without this callback): the checkpoint holds no state for it, so the callback starts fresh at
+the restored position (``start_epoch`` counts absolute epochs); a learning estimator such as
+``FishLegFisher`` initialises from the restored optimizer state and can be given ``pretrain_steps``
+to learn before its first prune.
 
 Pruning at position t happens before training epoch (or optimizer step) t: ``start_epoch=0`` prunes
 the initial model. With ``criterion="fisher"`` and an estimator that reads optimizer state (the
@@ -167,6 +177,7 @@ class FisherPruning(Callback):
         self._handles: list[RemovableHandle] = []
         self._metric_prefix = "pruning/"
         self._first_batch_size: int | None = None
+        self._stepped = False
 
     # ------------------------------------------------------------ public view
     @property
@@ -205,6 +216,8 @@ class FisherPruning(Callback):
         for optimizer in trainer.optimizers:
             if self._holds_pruned(optimizer):
                 self._handles.append(self.pruner.attach(optimizer))
+                if self._estimator_learns:
+                    self._handles.append(optimizer.register_step_post_hook(self._mark_stepped))
         self.pruner.apply_()
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -218,6 +231,17 @@ class FisherPruning(Callback):
             self._first_batch_size = _batch_size_of(batch)
         position = trainer.global_step if self.unit == "step" else trainer.current_epoch
         self._maybe_prune(trainer, pl_module, position)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._stepped or self.estimator is None:
+            return
+        self._stepped = False
+        current = (batch[0], batch[1])
+        context = self._context(trainer, pl_module, batches=lambda: iter([current]))
+        for name, value in self.estimator.on_train_step(context, trainer.global_step).items():
+            pl_module.log(name, value, on_step=True, on_epoch=False)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # the values agree on every rank; sync_dist only keeps Lightning from warning under DDP
@@ -248,6 +272,14 @@ class FisherPruning(Callback):
             self.estimator.load_state_dict(state_dict.get("estimator", {}))
 
     # -------------------------------------------------------------- internals
+    @property
+    def _estimator_learns(self) -> bool:
+        """Whether the estimator overrides the optional ``on_train_step`` hook."""
+        return self.estimator is not None and type(self.estimator).on_train_step is not FisherEstimator.on_train_step
+
+    def _mark_stepped(self, _optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+        self._stepped = True
+
     def _prepared_for(self, pl_module: L.LightningModule) -> bool:
         if not self.pruner.prepared:
             return False
@@ -336,18 +368,26 @@ class FisherPruning(Callback):
             f"pattern={self.pattern} scope={self.pruner.scope} layers={len(self.pruner.masks)}"
         )
 
-    def _context(self, trainer: L.Trainer, pl_module: L.LightningModule) -> FisherContext:
+    def _context(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        batches: Callable[[], Iterator[tuple[Tensor, Tensor]]] | None = None,
+    ) -> FisherContext:
         assert self.estimator is not None
         loss = getattr(pl_module, "loss", None)
+        if batches is None and self.estimator.requires_data:
+            batches = partial(_training_batches, trainer, pl_module)
         return FisherContext(
             model=pl_module,
             parameters=dict(self.pruner.parameters),
             optimizer=self._optimizer(trainer),
-            batches=partial(_training_batches, trainer, pl_module) if self.estimator.requires_data else None,
+            batches=batches,
             loss_fn=loss if callable(loss) else F.cross_entropy,
             batch_size=_loader_batch_size(trainer) or self._first_batch_size,
             accumulate_grad_batches=trainer.accumulate_grad_batches,
             world_size=trainer.world_size,
+            extra={"masks": self.pruner.masks},
         )
 
 

@@ -2,6 +2,7 @@
 
 from lightning_fisher.fisher.base import FisherContext, FisherEstimator, LossFn
 from lightning_fisher.fisher.empirical import EmpiricalFisher
+from lightning_fisher.fisher.fishleg import FishLegFisher
 from lightning_fisher.fisher.kronecker import KroneckerFisher
 from lightning_fisher.fisher.monte_carlo import MonteCarloFisher
 from lightning_fisher.fisher.squisher import SUPPORTED_OPTIMIZERS, Squisher
@@ -9,6 +10,7 @@ from lightning_fisher.fisher.squisher import SUPPORTED_OPTIMIZERS, Squisher
 __all__ = [
     "SUPPORTED_OPTIMIZERS",
     "EmpiricalFisher",
+    "FishLegFisher",
     "FisherContext",
     "FisherEstimator",
     "KroneckerFisher",

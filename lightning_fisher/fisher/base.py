@@ -99,6 +99,14 @@ class FisherEstimator(abc.ABC):
         """(F + γI)⁻¹ v per parameter block; only for estimators with ``supports_inverse``."""
         raise NotImplementedError(f"{type(self).__name__} offers no inverse Fisher")
 
+    def on_train_step(self, context: FisherContext, step: int) -> dict[str, float]:
+        """Optional hook, called after every optimizer step with the step's batch in ``context``.
+
+        Estimators that learn during training (FishLeg) override it; ``step`` is the number of optimizer
+        steps taken so far. Returns metrics to log (``{"name/key": value}``); the default does nothing.
+        """
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         """Resumable state (plain Python and CPU tensors); stateless estimators return ``{}``."""
         return {}

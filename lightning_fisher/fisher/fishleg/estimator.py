@@ -1,0 +1,502 @@
+"""``FishLegFisher``: the inverse Fisher learned with FishLeg's auxiliary loss, for FishLeg Surgeon."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import warnings
+from collections.abc import Iterator, Mapping
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_fisher.fisher.base import FisherContext, FisherEstimator
+from lightning_fisher.fisher.fishleg.forms import CONV_FORMS, LayerForm, forms_for
+from lightning_fisher.fisher.fishleg.products import (
+    FVP_METHODS,
+    FvpMethod,
+    fisher_vector_product,
+    loss_gradient,
+    sampled_squared_gradient,
+)
+from lightning_fisher.fisher.squisher import Squisher
+
+__all__ = ["FishLegFisher", "INITS", "PROBES", "STATE_VERSION"]
+
+log = logging.getLogger(__name__)
+
+PROBES: tuple[str, ...] = ("gaussian", "gradient")
+INITS: tuple[str, ...] = ("auto", "squisher", "gradients", "identity")
+STATE_VERSION = 1
+
+
+def _positive(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < math.inf:
+        raise ValueError(f"{name}={value!r}: must be a positive finite number")
+    return float(value)
+
+
+def _integer(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r}: must be an integer >= {minimum}")
+    return value
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_cpu(v) for v in value]
+    return copy.deepcopy(value)
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def _spearman(a: Tensor, b: Tensor) -> float:
+    ranks_a = a.argsort().argsort().float()
+    ranks_b = b.argsort().argsort().float()
+    ranks_a -= ranks_a.mean()
+    ranks_b -= ranks_b.mean()
+    denominator = ranks_a.norm() * ranks_b.norm()
+    return float((ranks_a @ ranks_b) / denominator) if float(denominator) > 0 else float("nan")
+
+
+class FishLegFisher(FisherEstimator):
+    """An inverse Fisher Q(λ) ≈ (F + γI)⁻¹, learned per layer, for OBS pruning (FishLeg Surgeon).
+
+    Implements FishLeg (Garcia, Tam, Dangel, ..., ICLR 2023, "Fisher-Legendre (FishLeg) optimization of
+    deep neural networks") with the changes of FishLeg Surgeon (McGowan et al., arXiv 2412.02328):
+    Q(λ) is block-diagonal over layers, each block a PSD form of :mod:`.forms`, learned by minimising the
+    auxiliary loss A(λ; u) = ½ uᵀQF_γQu − uᵀQu (minimum at Q = F_γ⁻¹, F_γ = F + γI) with Adam on λ.
+    ∇λA = ∇λ⟨Q(λ)u, h⟩ with h = F_γQu − u held fixed, F·v from :mod:`.products` (labels sampled from the
+    model). FishLeg Surgeon's changes: Gaussian probes u (``probe="gaussian"``; ``"gradient"`` is
+    FishLeg's original probe), the gradient preconditioned by Q itself (``precondition=True``: the
+    Newton-like step ΔQ ∝ −Q(∇_Q A)Q, i.e. ∇λ⟨Q(λ)·Qu, Q·h⟩), and the initialisation
+    Q₀ = diag(1/(E[g²] + γ)). After pruning, probes, products and h are masked to the surviving weights
+    (``context.extra["masks"]``, the pruner's masks), so Q is refined on the survivors and the per-weight
+    entries of λ that belong to pruned weights are frozen.
+
+    Which layers: every layer owning a parameter in ``context.parameters`` (the pruned weights) gets a
+    block covering its weight and bias: Linear → two Kronecker factors over out × (in + 1); Conv2d →
+    ``conv_form``; BatchNorm/LayerNorm/GroupNorm → diagonal. Parameters of any other layer type fall back
+    to a diagonal form, with one warning listing the layers. The bias is in Q (it shapes the weight
+    block) but only the pruned parameters are compensated (the pruner moves only those).
+
+    E[g²] for Q₀ (``init="auto"``): the Squisher's B·v̂ from the training optimizer's ``exp_avg_sq``
+    when it is Adam-family and has state, else B·ḡ² at sampled labels averaged over ``init_batches``
+    batches (an unbiased diag(F), in the same per-sample units). ``diagonal()`` returns
+    max(1/diag(Q) − γ, 0): the diagonal Fisher implied by Q, so ``criterion="fisher"`` without
+    ``compensate`` scores θ²F/2 with it.
+
+    When Q learns: every ``update_every`` optimizer steps (the callback calls :meth:`on_train_step`
+    with the current batch), and ``pretrain_steps`` updates on the context's batches just before the
+    first score is asked for (the first prune). Randomness: update k (counting from 0) draws its probes
+    and labels from a generator seeded with ``seed`` and k, and k is in :meth:`state_dict`, so a
+    resumed run repeats the uninterrupted one. Under data parallelism the λ gradients are averaged over
+    the ranks (``torch.distributed``), so Q stays identical on every rank.
+
+    Memory (:meth:`num_parameters`; ResNet18 width 64, a block for every Conv2d/Linear): two-factor
+    convs 105.2M λ entries (94.0M in the factors), three-factor 14.4M (3.2M in the factors); both hold
+    the per-weight D, 11.2M entries. Adam's state of λ doubles it again (fp32: ×4 bytes ×3).
+
+    Args:
+        damping: γ > 0 in (F + γI)⁻¹, in the units of F (mean squared per-sample gradients).
+        conv_form: ``"two_factor"`` or ``"three_factor"`` (memory-light) for Conv2d layers.
+        lr: Adam's learning rate on λ.
+        update_every: auxiliary updates every this many optimizer steps (≥ 1), or ``None`` for none
+            during training (only ``pretrain_steps``).
+        pretrain_steps: auxiliary updates at the first prune, before Q is used (≥ 0).
+        probe: ``"gaussian"`` (u ~ N(0, I)) or ``"gradient"`` (the training-loss gradient).
+        fvp: ``"finite_difference"`` or ``"rank1"`` Fisher-vector products (see :mod:`.products`).
+        fd_eps: the relative finite-difference step (> 0).
+        precondition: precondition the auxiliary gradient by Q (FishLeg Surgeon).
+        init: ``"auto"``, ``"squisher"`` (fail without Adam-family state), ``"gradients"``, or
+            ``"identity"`` (Q₀ = I/γ).
+        init_batches: batches averaged for ``init="gradients"`` (≥ 1).
+        floor: lower bound of :meth:`inverse_diagonal` (> 0), so OBS scores stay finite.
+        seed: base seed of probes and sampled labels (≥ 0).
+        agreement_samples: entries subsampled for the ``fishleg/diag_agreement`` metric (≥ 0; 0 = off).
+
+    Raises:
+        ValueError: any argument outside the ranges above, naming the value.
+
+    Example::
+
+        FisherPruning(estimator=FishLegFisher(damping=0.1, conv_form="three_factor"), compensate=True,
+                      target_sparsity=0.95, pattern="unstructured", start_epoch=0, end_epoch=20)
+    """
+
+    requires_data = True
+    needs_all_reduce = False  # λ gradients are averaged over ranks, so Q is the same everywhere
+
+    def __init__(
+        self,
+        damping: float = 0.1,
+        conv_form: Literal["two_factor", "three_factor"] = "three_factor",
+        lr: float = 1e-2,
+        update_every: int | None = 10,
+        pretrain_steps: int = 0,
+        probe: Literal["gaussian", "gradient"] = "gaussian",
+        fvp: FvpMethod = "finite_difference",
+        fd_eps: float = 1e-3,
+        precondition: bool = True,
+        init: Literal["auto", "squisher", "gradients", "identity"] = "auto",
+        init_batches: int = 4,
+        floor: float = 1e-12,
+        seed: int = 0,
+        agreement_samples: int = 100_000,
+    ) -> None:
+        self.damping = _positive("damping", damping)
+        if conv_form not in CONV_FORMS:
+            raise ValueError(f"conv_form={conv_form!r}: must be one of {CONV_FORMS}")
+        self.lr = _positive("lr", lr)
+        self.update_every = None if update_every is None else _integer("update_every", update_every, 1)
+        self.pretrain_steps = _integer("pretrain_steps", pretrain_steps, 0)
+        if probe not in PROBES:
+            raise ValueError(f"probe={probe!r}: must be one of {PROBES}")
+        if fvp not in FVP_METHODS:
+            raise ValueError(f"fvp={fvp!r}: must be one of {FVP_METHODS}")
+        self.fd_eps = _positive("fd_eps", fd_eps)
+        if init not in INITS:
+            raise ValueError(f"init={init!r}: must be one of {INITS}")
+        self.init_batches = _integer("init_batches", init_batches, 1)
+        self.floor = _positive("floor", floor)
+        self.seed = _integer("seed", seed, 0)
+        self.agreement_samples = _integer("agreement_samples", agreement_samples, 0)
+        self.conv_form = conv_form
+        self.probe = probe
+        self.fvp = fvp
+        self.precondition = bool(precondition)
+        self.init = init
+        self.updates = 0
+        self.pretrained = False
+        self.forms: list[LayerForm] = []
+        self._holder: nn.ModuleList | None = None
+        self._adam: torch.optim.Adam | None = None
+        self._where: dict[str, tuple[LayerForm, int]] = {}
+        self._real: dict[str, str] = {}
+        self._pending: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------ interface
+    @property
+    def supports_inverse(self) -> bool:
+        return True
+
+    def num_parameters(self) -> int:
+        """Entries of λ over every block built so far (0 before the first use)."""
+        return sum(form.num_parameters() for form in self.forms)
+
+    def build(self, context: FisherContext) -> None:
+        """Create the forms for ``context`` (once) and initialise them, or load pending state."""
+        missing = [n for n in context.parameters if n not in self._where]
+        if self._holder is not None and not missing:
+            return
+        if self._holder is not None:
+            raise ValueError(f"FishLegFisher: Q was built for other parameters; no block for {missing}")
+        forms, fallback = forms_for(context.model, list(context.parameters), self.conv_form)
+        if fallback:
+            warnings.warn(
+                f"FishLegFisher: no Kronecker form for these layers, their Q falls back to a diagonal: {fallback}",
+                UserWarning,
+                stacklevel=3,
+            )
+        device = next(iter(context.parameters.values())).device
+        self.forms = forms
+        self._holder = nn.ModuleList(forms).to(device)
+        self._adam = torch.optim.Adam(self._holder.parameters(), lr=self.lr)
+        self._where = {name: (form, i) for form in forms for i, name in enumerate(form.names)}
+        self._real = {}
+        for real in (n for n, _ in context.model.named_parameters()):
+            self._real[".".join(p for p in real.split(".") if p != "_orig_mod")] = real
+        if self._pending is not None:
+            state, self._pending = self._pending, None
+            self._load(state)
+        else:
+            inverse = self._initial_inverse_diagonal(context)
+            for form in forms:
+                form.init_diagonal_([inverse[n] for n in form.names])
+        log.debug("FishLegFisher: %d blocks, %d λ entries", len(forms), self.num_parameters())
+
+    def diagonal(self, context: FisherContext) -> dict[str, Tensor]:
+        """max(1/diag(Q) − γ, 0): the diagonal Fisher Q implies (see the class docstring)."""
+        return {n: (1.0 / q - self.damping).clamp_min_(0.0) for n, q in self.inverse_diagonal(context).items()}
+
+    def inverse_diagonal(self, context: FisherContext) -> dict[str, Tensor]:
+        """diag(Q) for the parameters of ``context`` (closed form), floored at ``floor``."""
+        self._ready(context)
+        diag = self._diag()
+        return {n: diag[n].clamp_min(self.floor) for n in context.parameters}
+
+    @torch.no_grad()
+    def inverse_product(self, context: FisherContext, vectors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Q·v for the given parameters (the other parameters of their blocks taken as zero)."""
+        unknown = sorted(set(vectors) - set(context.parameters))
+        if unknown:
+            raise KeyError(f"FishLegFisher.inverse_product: vectors for unknown parameters {unknown}")
+        self._ready(context)
+        full = {}
+        for name, vector in vectors.items():
+            if vector.shape != context.parameters[name].shape:
+                raise ValueError(f"{name}: vector shape {tuple(vector.shape)} != parameter shape {tuple(context.parameters[name].shape)}")
+            full[name] = vector.float()
+        product = self._q(full, only=set(vectors))
+        return {name: product[name] for name in vectors}
+
+    def on_train_step(self, context: FisherContext, step: int) -> dict[str, float]:
+        """One auxiliary update on the context's (current) batch every ``update_every`` steps."""
+        if self.update_every is None or step <= 0 or step % self.update_every != 0:
+            return {}
+        self.build(context)
+        x, y = next(context.iter_batches())
+        metrics = {"fishleg/aux_loss": self._update(context, x, y)}
+        agreement = self.diag_agreement(context)
+        if agreement is not None:
+            metrics["fishleg/diag_agreement"] = agreement
+        return metrics
+
+    def pretrain(self, context: FisherContext, steps: int) -> list[float]:
+        """``steps`` auxiliary updates cycling over the context's batches; returns the auxiliary losses."""
+        self.build(context)
+        losses = []
+        batches: Iterator = context.iter_batches()
+        while len(losses) < steps:
+            batch = next(batches, None)
+            if batch is None:
+                batches = context.iter_batches()
+                batch = next(batches, None)
+                if batch is None:
+                    raise ValueError("FishLegFisher.pretrain: the context's batches are empty")
+            losses.append(self._update(context, batch[0], batch[1]))
+        return losses
+
+    def diag_agreement(self, context: FisherContext) -> float | None:
+        """Spearman correlation of 1/diag(Q) − γ with the Squisher's diagonal (Adam-family only)."""
+        if self.agreement_samples == 0 or not self._has_optimizer_state(context):
+            return None
+        squisher = Squisher().diagonal(context)
+        with torch.no_grad():
+            diag = self._diag()
+            masks = context.extra.get("masks", {})
+            mine, theirs = [], []
+            for name in context.parameters:
+                keep = masks.get(name)
+                implied = (1.0 / diag[name].clamp_min(self.floor) - self.damping).flatten()
+                reference = squisher[name].flatten()
+                if keep is not None:
+                    implied, reference = implied[keep.flatten()], reference[keep.flatten()]
+                mine.append(implied)
+                theirs.append(reference)
+            a, b = torch.cat(mine), torch.cat(theirs)
+            if a.numel() > self.agreement_samples:
+                generator = torch.Generator().manual_seed(self.seed)
+                pick = torch.randperm(a.numel(), generator=generator)[: self.agreement_samples].to(a.device)
+                a, b = a[pick], b[pick]
+            return _spearman(a, b) if a.numel() > 1 else None
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """λ of every block (by parameter FQNs), Adam's state of λ, the update count; CPU tensors."""
+        if self._holder is None:
+            if self._pending is not None:
+                return self._pending
+            return {"version": STATE_VERSION, "updates": self.updates, "pretrained": self.pretrained}
+        assert self._adam is not None
+        return {
+            "version": STATE_VERSION,
+            "updates": self.updates,
+            "pretrained": self.pretrained,
+            "conv_form": self.conv_form,
+            "blocks": [{"kind": f.kind, "names": list(f.names), "lambda": _to_cpu(f.state_dict())} for f in self.forms],
+            "optimizer": _to_cpu(self._adam.state_dict()),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; before the forms exist the state waits for :meth:`build`.
+
+        An empty dict (a checkpoint written with a stateless estimator, or a dense one) changes nothing.
+        """
+        if not state:
+            return
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"FishLegFisher state version {state.get('version')!r}: expected {STATE_VERSION}")
+        unexpected = sorted(set(state) - {"version", "updates", "pretrained", "conv_form", "blocks", "optimizer"})
+        if unexpected:
+            raise ValueError(f"FishLegFisher.load_state_dict: unexpected keys {unexpected}")
+        if "conv_form" in state and state["conv_form"] != self.conv_form:
+            raise ValueError(f"conv_form={self.conv_form!r}: the state was saved with conv_form={state['conv_form']!r}")
+        if self._holder is None and "blocks" in state:
+            self._pending = dict(state)
+        elif "blocks" in state:
+            self._load(state)
+        self.updates = int(state.get("updates", self.updates))
+        self.pretrained = bool(state.get("pretrained", self.pretrained))
+
+    def _load(self, state: Mapping[str, Any]) -> None:
+        assert self._adam is not None
+        saved = {tuple(block["names"]): block for block in state["blocks"]}
+        mine = {tuple(f.names): f for f in self.forms}
+        if set(saved) != set(mine):
+            missing = sorted(n for names in set(mine) - set(saved) for n in names)
+            extra = sorted(n for names in set(saved) - set(mine) for n in names)
+            raise ValueError(f"FishLegFisher.load_state_dict: blocks differ; missing {missing}, unexpected {extra}")
+        for names, form in mine.items():
+            if saved[names]["kind"] != form.kind:
+                raise ValueError(f"{list(names)}: saved as a {saved[names]['kind']!r} form, built as {form.kind!r}")
+            form.load_state_dict(saved[names]["lambda"])
+        self._adam.load_state_dict(state["optimizer"])
+        self.updates = int(state.get("updates", self.updates))
+        self.pretrained = bool(state.get("pretrained", self.pretrained))
+
+    # -------------------------------------------------------------- internals
+    def _ready(self, context: FisherContext) -> None:
+        self.build(context)
+        if self.pretrain_steps and not self.pretrained:
+            losses = self.pretrain(context, self.pretrain_steps)
+            self.pretrained = True
+            log.info("FishLegFisher: %d pre-training updates, auxiliary loss %.4g -> %.4g", len(losses), losses[0], losses[-1])
+
+    def _params(self, context: FisherContext) -> dict[str, Tensor]:
+        by_real = dict(context.model.named_parameters())
+        return {name: by_real[self._real[name]] for name in self._where}
+
+    def _diag(self) -> dict[str, Tensor]:
+        with torch.no_grad():
+            return {n: d.detach() for f in self.forms for n, d in zip(f.names, f.diagQ())}
+
+    def _q(self, vectors: Mapping[str, Tensor], only: set[str] | None = None) -> dict[str, Tensor]:
+        """Q·v block by block (zeros where a block's vector is not given); differentiable in λ."""
+        out = {}
+        for form in self.forms:
+            if only is not None and not any(n in only for n in form.names):
+                continue
+            inputs = [vectors[n] if n in vectors else torch.zeros(s, device=form.scales[0].device) for n, s in zip(form.names, form.shapes)]
+            out.update(zip(form.names, form.Qv(inputs)))
+        return out
+
+    def _has_optimizer_state(self, context: FisherContext) -> bool:
+        if context.optimizer is None or context.effective_batch_size is None:
+            return False
+        try:
+            Squisher().check(context.optimizer)
+        except (TypeError, ValueError):
+            return False
+        optimizer = context.optimizer
+        while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+            optimizer = optimizer.optimizer
+        return any(optimizer.state.get(p) for p in context.parameters.values())
+
+    def _initial_inverse_diagonal(self, context: FisherContext) -> dict[str, Tensor]:
+        params = self._params(context)
+        if self.init == "identity":
+            return {n: torch.full_like(p, 1.0 / self.damping, dtype=torch.float32) for n, p in params.items()}
+        if self.init in ("auto", "squisher"):
+            if self._has_optimizer_state(context):
+                covered = FisherContext(
+                    model=context.model,
+                    parameters=params,
+                    optimizer=context.optimizer,
+                    batch_size=context.batch_size,
+                    accumulate_grad_batches=context.accumulate_grad_batches,
+                    world_size=context.world_size,
+                )
+                fisher = Squisher().diagonal(covered)
+                return {n: 1.0 / (f + self.damping) for n, f in fisher.items()}
+            if self.init == "squisher":
+                raise ValueError(
+                    "init='squisher': the optimizer keeps no Adam-family squared-gradient state for these "
+                    "parameters (or the batch size is unknown); use init='auto' or 'gradients'"
+                )
+        real = {self._real[n]: p for n, p in params.items()}
+        sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in real.items()}
+        count = 0
+        generator = self._generator(params, salt=-1)
+        for x, _ in context.iter_batches():
+            for n, g in sampled_squared_gradient(context.model, real, x, generator).items():
+                sums[n] += g.float()
+            count += 1
+            if count >= self.init_batches:
+                break
+        if count == 0:
+            raise ValueError("FishLegFisher: init from gradients needs batches, but the context's batches are empty")
+        if _distributed():
+            for s in sums.values():
+                torch.distributed.all_reduce(s)
+                s /= torch.distributed.get_world_size()
+        return {n: 1.0 / (sums[self._real[n]] / count + self.damping) for n in params}
+
+    def _generator(self, params: Mapping[str, Tensor], salt: int) -> torch.Generator:
+        device = next(iter(params.values())).device
+        generator = torch.Generator(device=device)
+        generator.manual_seed((self.seed * 1_000_003 + salt + 1) % (2**63))
+        return generator
+
+    def _update(self, context: FisherContext, x: Tensor, y: Tensor) -> float:
+        """One Adam step on λ; returns the auxiliary loss A per active coordinate (before the step)."""
+        assert self._adam is not None
+        params = self._params(context)
+        masks = {n: m for n, m in context.extra.get("masks", {}).items() if n in params and not bool(m.all())}
+        generator = self._generator(params, salt=self.updates)
+
+        def masked(values: Mapping[str, Tensor]) -> dict[str, Tensor]:
+            return {n: v * masks[n] if n in masks else v for n, v in values.items()}
+
+        if self.probe == "gaussian":
+            u = {n: torch.randn(p.shape, generator=generator, device=p.device) for n, p in params.items()}
+        else:
+            real = {self._real[n]: p for n, p in params.items()}
+            grads = loss_gradient(context.model, real, x, y, context.loss_fn)
+            u = {n: grads[self._real[n]].float() for n in params}
+        u = masked(u)
+        with torch.no_grad():
+            w = masked(self._q(u))
+        real_w = {self._real[n]: w[n] for n in params}
+        fw_real = fisher_vector_product(
+            context.model, {self._real[n]: p for n, p in params.items()}, x, real_w, self.fvp, generator, self.fd_eps
+        )
+        fw = {n: fw_real[self._real[n]].float() for n in params}
+        h = masked({n: fw[n] + self.damping * w[n] - u[n] for n in params})
+        active = sum(int(masks[n].sum()) if n in masks else p.numel() for n, p in params.items())
+        aux = float(sum(0.5 * (w[n] * (fw[n] + self.damping * w[n])).sum() - (u[n] * w[n]).sum() for n in params)) / active
+        if self.precondition:
+            with torch.no_grad():
+                a, b = w, masked(self._q(h))
+        else:
+            a, b = u, h
+        self._adam.zero_grad(set_to_none=True)
+        with torch.enable_grad(), torch.inference_mode(False):
+            qa = self._q(a)
+            surrogate = sum((qa[n] * b[n]).sum() for n in qa) / active
+            surrogate.backward()
+        assert self._holder is not None
+        if _distributed():
+            for p in self._holder.parameters():
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= torch.distributed.get_world_size()
+        frozen = []
+        for form in self.forms:
+            for name, scale in zip(form.names, form.coordinate_scales()):
+                if name in masks and scale.grad is not None:
+                    pruned = ~masks[name].to(scale.device)
+                    scale.grad[pruned] = 0
+                    frozen.append((scale, pruned, scale.detach()[pruned].clone()))
+        self._adam.step()
+        with torch.no_grad():
+            # Adam's momentum would keep moving them even at zero gradient
+            for scale, pruned, values in frozen:
+                scale[pruned] = values
+        self.updates += 1
+        return aux
+
+    def __repr__(self) -> str:
+        return (
+            f"FishLegFisher(damping={self.damping:g}, conv_form={self.conv_form!r}, lr={self.lr:g}, "
+            f"update_every={self.update_every}, pretrain_steps={self.pretrain_steps}, probe={self.probe!r}, "
+            f"fvp={self.fvp!r}, precondition={self.precondition}, init={self.init!r})"
+        )

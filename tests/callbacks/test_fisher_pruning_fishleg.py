@@ -1,0 +1,142 @@
+"""FisherPruning with FishLegFisher in tiny Lightning runs on CPU, and the FishLeg recipe."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+import lightning_fisher.train  # noqa: F401 - registers the primary config's schema for compose_config
+from lightning_fisher.callbacks import FisherPruning
+from lightning_fisher.fisher import FishLegFisher
+
+
+class ZeroCheck(Callback):
+    """Counts training batches and checks that every pruned weight is exactly zero before each."""
+
+    def __init__(self, pruning: FisherPruning) -> None:
+        self.pruning = pruning
+        self.checked = 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        for name, param in self.pruning.pruner.parameters.items():
+            assert (param[~self.pruning.masks[name]] == 0).all(), (trainer.global_step, name)
+        self.checked += 1
+
+
+def test_fishleg_surgeon_reaches_the_target_with_exact_zeros_and_logs(make_trainer, digits, make_module):
+    estimator = FishLegFisher(damping=0.1, conv_form="three_factor", update_every=2, pretrain_steps=3)
+    pruning = FisherPruning(
+        estimator=estimator, compensate=True, target_sparsity=0.8, pattern="unstructured", start_epoch=0, end_epoch=2
+    )
+    zero_check = ZeroCheck(pruning)
+    module = make_module()
+    trainer = make_trainer([pruning, zero_check], max_epochs=3)
+    trainer.fit(module, digits)
+    assert zero_check.checked == 3 * len(digits.train_dataloader())
+    assert pruning.sparsity == pytest.approx(0.8, abs=1 / 9920)  # to one weight of 576 + 1152 + 8192
+    params = dict(module.named_parameters())
+    for name, mask in pruning.masks.items():
+        assert (params[name].detach()[~mask] == 0).all()
+        assert (params[name].detach()[mask] != 0).all()
+    # 12 optimizer steps, an update every 2 of them, and 3 pre-training updates at the first prune
+    assert trainer.global_step == 12 and estimator.updates == 6 + 3 and estimator.pretrained
+    assert {"fishleg/aux_loss", "fishleg/diag_agreement"} <= set(trainer.callback_metrics)
+    assert torch.isfinite(trainer.callback_metrics["fishleg/aux_loss"])
+    # BatchNorm-free blocks: conv1 (no bias) and conv2 (bias) three-factor, fc1 two-factor
+    assert [type(f).__name__ for f in estimator.forms] == ["ThreeFactorConvForm", "ThreeFactorConvForm", "KroneckerForm"]
+
+
+def test_hook_runs_only_after_real_optimizer_steps(make_trainer, digits, make_module):
+    estimator = FishLegFisher(update_every=1)
+    pruning = FisherPruning(estimator=estimator, target_sparsity=0.5, start_epoch=1, end_epoch=2)
+    trainer = make_trainer([pruning], max_epochs=3, accumulate_grad_batches=2)
+    trainer.fit(make_module(), digits)
+    assert trainer.global_step == 6 and estimator.updates == 6  # 12 micro-batches, 6 steps
+
+
+def test_fisher_criterion_without_compensation_uses_the_implied_diagonal(make_trainer, digits, make_module):
+    estimator = FishLegFisher(update_every=2)
+    pruning = FisherPruning(estimator=estimator, target_sparsity=0.5, start_epoch=1, end_epoch=2)
+    make_trainer([pruning], max_epochs=3).fit(make_module(), digits)
+    assert pruning.sparsity == pytest.approx(0.5, abs=1 / 9920)
+
+
+def _fit(module: L.LightningModule, data: L.LightningDataModule, callbacks: list, root: Path, epochs: int, ckpt_path: str | None = None) -> L.Trainer:
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        deterministic=True,
+        num_sanity_val_steps=0,
+        callbacks=[*callbacks, ModelCheckpoint(dirpath=root / "ckpt", save_last=True, save_top_k=0)],
+    )
+    # weights_only=False: ImageClassifier's hyper-parameters hold the optimizer factory (a functools.partial)
+    trainer.fit(module, data, ckpt_path=ckpt_path, weights_only=False)
+    return trainer
+
+
+def _fishleg_pruning() -> FisherPruning:
+    return FisherPruning(
+        estimator=FishLegFisher(update_every=2, pretrain_steps=4),
+        compensate=True,
+        target_sparsity=0.8,
+        start_epoch=2,
+        end_epoch=4,
+    )
+
+
+def test_start_from_a_dense_checkpoint(tmp_path, make_module, make_digits):
+    L.seed_everything(0)
+    _fit(make_module(partial(torch.optim.AdamW, lr=1e-2)), make_digits(), [], tmp_path / "dense", epochs=2)
+    ckpt = tmp_path / "dense" / "ckpt" / "last.ckpt"
+    pruning = _fishleg_pruning()
+    module = make_module(partial(torch.optim.AdamW, lr=1e-2))
+    trainer = _fit(module, make_digits(), [pruning], tmp_path / "pruned", epochs=5, ckpt_path=str(ckpt))
+    assert pruning.pruner.position.last_pruned == 4 and pruning.sparsity == pytest.approx(0.8, abs=1 / 9920)
+    estimator = pruning.estimator
+    assert isinstance(estimator, FishLegFisher) and estimator.pretrained
+    # 8 steps restored, 12 more; updates at steps 10, 12, ..., 20 plus 4 pre-training updates
+    assert trainer.global_step == 20 and estimator.updates == 6 + 4
+
+
+def test_resume_continues_q_exactly(tmp_path, make_module, make_digits):
+    def run(root: Path, epochs: int, ckpt_path: str | None = None) -> FisherPruning:
+        L.seed_everything(0)
+        pruning = _fishleg_pruning()
+        _fit(make_module(partial(torch.optim.AdamW, lr=1e-2)), make_digits(), [pruning], root, epochs, ckpt_path)
+        return pruning
+
+    uninterrupted = run(tmp_path / "a", 5)
+    run(tmp_path / "b", 3)
+    resumed = run(tmp_path / "c", 5, str(tmp_path / "b" / "ckpt" / "last.ckpt"))
+    a, c = uninterrupted.estimator, resumed.estimator
+    assert isinstance(a, FishLegFisher) and isinstance(c, FishLegFisher)
+    assert a.updates == c.updates
+    for fa, fc in zip(a.forms, c.forms):
+        for (name, pa), pc in zip(fa.named_parameters(), fc.parameters()):
+            torch.testing.assert_close(pa, pc, msg=name)
+    assert all(torch.equal(uninterrupted.masks[n], resumed.masks[n]) for n in uninterrupted.masks)
+
+
+def test_fishleg_recipe_composes_and_builds(compose_config):
+    cfg = compose_config("recipe=cifar10_resnet18_fishleg95", "pruning.compensate=false", "+fisher.conv_form=two_factor")
+    assert cfg.task_name == "cifar10_resnet18_fishleg95"
+    estimator = instantiate(cfg.fisher)
+    assert isinstance(estimator, FishLegFisher)
+    assert estimator.conv_form == "two_factor" and estimator.pretrain_steps == 100
+    pruning = instantiate(cfg.pruning, estimator=estimator)
+    assert isinstance(pruning, FisherPruning) and pruning.pruner.compensate is False
+    assert pruning.pruner.target_sparsity == 0.95
+    default = compose_config("recipe=cifar10_resnet18_fishleg95")
+    assert default.pruning.compensate is True and default.optimizer._target_ == "torch.optim.AdamW"
