@@ -26,6 +26,7 @@ _EXPORTS: dict[str, str] = {
     "EmpiricalFisher": "lightning_fisher.fisher",
     "MonteCarloFisher": "lightning_fisher.fisher",
     "KroneckerFisher": "lightning_fisher.fisher",
+    "FishLegFisher": "lightning_fisher.fisher",
     "FisherPruning": "lightning_fisher.callbacks",
     "SparsityMonitor": "lightning_fisher.callbacks",
     "sparsity_report": "lightning_fisher.pruning",
@@ -39,6 +40,15 @@ _EXPORTS: dict[str, str] = {
     "NMSparseLinear": "lightning_fisher.sparse",
     "NMSparseConv2d": "lightning_fisher.sparse",
     "SparseReport": "lightning_fisher.sparse",
+    "KnowledgeDistillation": "lightning_fisher.callbacks",
+    "QuantizationAware": "lightning_fisher.callbacks",
+    "LowRank": "lightning_fisher.callbacks",
+    "EarlyExit": "lightning_fisher.callbacks",
+    "EarlyExitModel": "lightning_fisher.compress",
+    "CompressionReport": "lightning_fisher.compress",
+    "compression_report": "lightning_fisher.compress",
+    "model_bits": "lightning_fisher.compress",
+    "bit_operations": "lightning_fisher.compress",
 }
 
 __all__ = sorted(_EXPORTS)

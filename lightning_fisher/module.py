@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
-
-import inspect
 
 import lightning as L
 import torch
@@ -14,10 +13,29 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-__all__ = ["ImageClassifier"]
+__all__ = ["ImageClassifier", "LossTerm", "LossTermHandle"]
 
 OptimizerFactory = Callable[[Iterable[Any]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+LossTerm = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""``fn(inputs, logits, targets) -> scalar Tensor``, added to the training loss."""
+
+
+class LossTermHandle:
+    """Returned by :meth:`ImageClassifier.add_loss_term`; ``remove()`` takes the term out again."""
+
+    def __init__(self, terms: dict[str, LossTerm], name: str, fn: LossTerm) -> None:
+        self._terms = terms
+        self.name = name
+        self._fn = fn
+
+    def remove(self) -> None:
+        """Remove the term (a no-op when it is already gone or was replaced under the same name)."""
+        if self._terms.get(self.name) is self._fn:
+            del self._terms[self.name]
+
+    def __repr__(self) -> str:
+        return f"LossTermHandle(name={self.name!r})"
 
 
 class ImageClassifier(L.LightningModule):
@@ -35,6 +53,11 @@ class ImageClassifier(L.LightningModule):
         label_smoothing: cross-entropy label smoothing.
         top_k: accuracies to report; ``(1, 5)`` logs ``acc`` and ``acc_top5``.
         decay_norm_and_bias: apply weight decay to 1-D parameters (norm scales, biases) too.
+
+    Extra loss terms (distillation, early-exit heads, ...) join the training loss through
+    :meth:`add_loss_term`. With terms present, ``train/loss`` logs the total that is optimised,
+    ``train/task_loss`` the cross-entropy alone, and ``train/<name>`` each term; validation and test
+    losses stay the plain cross-entropy.
 
     The network and the optimizer/scheduler factories are not stored in the hyper-parameters (a
     checkpoint holds only plain values, so it loads with ``weights_only=True``): reload one with
@@ -68,6 +91,8 @@ class ImageClassifier(L.LightningModule):
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
+        # A plain dict, not a module: terms are neither hyper-parameters nor checkpoint state.
+        self._loss_terms: dict[str, LossTerm] = {}
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -76,12 +101,47 @@ class ImageClassifier(L.LightningModule):
         """Mean cross-entropy with this module's label smoothing (the Fisher estimators use it too)."""
         return F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
 
+    def add_loss_term(self, name: str, fn: LossTerm) -> LossTermHandle:
+        """Add ``fn(inputs, logits, targets) -> scalar`` to the training loss, logged as ``train/<name>``.
+
+        Terms run in the order they were added, after the cross-entropy, on every training step (not in
+        validation or test). They are not saved in the hyper-parameters or checkpoints: whoever adds a
+        term (a callback) adds it again after a restart. ``handle.remove()`` removes it.
+
+        Raises:
+            ValueError: ``name`` is empty, contains ``/``, or is already taken.
+            TypeError: ``fn`` is not callable.
+        """
+        if not isinstance(name, str) or not name or "/" in name or name in ("loss", "task_loss"):
+            raise ValueError(f"name={name!r}: must be a non-empty string without '/', other than 'loss'/'task_loss'")
+        if name in self._loss_terms:
+            raise ValueError(f"name={name!r}: a loss term of that name is already added (remove it first)")
+        if not callable(fn):
+            raise TypeError(f"fn={fn!r}: must be callable as fn(inputs, logits, targets) -> Tensor")
+        self._loss_terms[name] = fn
+        return LossTermHandle(self._loss_terms, name, fn)
+
+    @property
+    def loss_terms(self) -> dict[str, LossTerm]:
+        """The added loss terms by name (a copy)."""
+        return dict(self._loss_terms)
+
     def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str, metrics: MetricCollection) -> Tensor:
         inputs, targets = batch
         logits = self(inputs)
         loss = self.loss(logits, targets)
         metrics.update(logits, targets)
         on_step = stage == "train"
+        if stage == "train" and self._loss_terms:
+            task_loss = loss
+            for name, fn in list(self._loss_terms.items()):
+                term = fn(inputs, logits, targets)
+                if not isinstance(term, Tensor) or term.numel() != 1:
+                    raise ValueError(f"loss term {name!r}: must return a scalar Tensor, got {term!r}")
+                term = term.reshape(())
+                self.log(f"train/{name}", term, on_step=True, on_epoch=True, batch_size=len(targets))
+                loss = loss + term
+            self.log("train/task_loss", task_loss, on_step=True, on_epoch=True, batch_size=len(targets))
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=stage != "test", batch_size=len(targets))
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val")
         return loss
@@ -94,6 +154,20 @@ class ImageClassifier(L.LightningModule):
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._shared_step(batch, "test", self.test_metrics)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Before the weights load, let callbacks that change the network's structure (quantization,
+        low rank) rebuild it from their saved state, so a resumed run loads into matching modules.
+
+        A callback takes part by defining ``restructure_from_checkpoint(pl_module, checkpoint)``.
+        """
+        trainer = self._trainer
+        if trainer is None:
+            return
+        for callback in trainer.callbacks:
+            restructure = getattr(callback, "restructure_from_checkpoint", None)
+            if callable(restructure):
+                restructure(self, checkpoint)
 
     def configure_optimizers(self) -> Any:
         decay, no_decay = [], []
