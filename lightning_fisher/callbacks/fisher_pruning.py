@@ -17,6 +17,11 @@ Hooks and what each does (one core call each):
   Fisher there) with the step's batch and the current masks, and log the metrics it returns
   (``fishleg/aux_loss``, ``fishleg/diag_agreement``). Skipped for estimators that do not override it.
 - ``on_train_epoch_end``: log ``pruning/target_sparsity`` and ``pruning/sparsity``.
+- with ``sparse_kernels=True`` and an N:M pattern, once the last prune is done: swap the N:M layers for
+  the sparse modules of :mod:`lightning_fisher.sparse` (``sparsify_training_``, which moves the
+  optimizer state onto the kept values), so fine-tuning runs the sparse kernels and keeps the pattern
+  by construction; ``on_save_checkpoint`` writes checkpoints in the dense layout
+  (``densify_checkpoint_``), and ``on_train_start`` of a resumed run swaps again.
 
 Starting from a dense checkpoint (``trainer.fit(ckpt_path=...)`` of a run of the same model and
 optimizer without this callback): the checkpoint holds no state for it, so the callback starts fresh at
@@ -58,6 +63,7 @@ __all__ = ["FisherPruning"]
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+SPARSE_BACKENDS: tuple[str, ...] = ("auto", "triton", "cusparselt")  # lightning_fisher.sparse.convert.BACKENDS
 
 
 class FisherPruning(Callback):
@@ -92,6 +98,12 @@ class FisherPruning(Callback):
         keep_first_dense, keep_last_dense: keep the stem conv and the classifier (last Linear) dense.
         seed: seed of the ``random`` criterion.
         compensate: apply the OBS update to the survivors (needs ``estimator.supports_inverse``).
+        sparse_kernels: with an ``"N:M"`` pattern, swap the pruned N:M layers for ``NMSparseLinear``/
+            ``NMSparseConv2d`` once the masks are final, and fine-tune through the sparse kernels. The
+            optimizer keeps its state (moved onto the kept values), checkpoints stay in the dense layout
+            (they load without this callback), and a resumed run swaps again. Single process only (DDP
+            registers parameters when it wraps the model); convert before ``torch.compile``.
+        sparse_backend: ``"auto"``, ``"triton"`` or ``"cusparselt"`` (see ``lightning_fisher.sparse``).
         verbose: log one line per prune (rank zero).
 
     Example::
@@ -120,6 +132,8 @@ class FisherPruning(Callback):
         keep_last_dense: bool = True,
         seed: int = 0,
         compensate: bool = False,
+        sparse_kernels: bool = False,
+        sparse_backend: str = "auto",
         verbose: bool = True,
     ) -> None:
         if unit not in UNITS:
@@ -149,6 +163,10 @@ class FisherPruning(Callback):
                 )
         elif compensate:
             raise ValueError(f"compensate=True: needs criterion='fisher', got criterion={criterion!r}")
+        if not isinstance(sparse_kernels, bool):
+            raise TypeError(f"sparse_kernels={sparse_kernels!r}: must be True or False")
+        if sparse_backend not in SPARSE_BACKENDS:
+            raise ValueError(f"sparse_backend={sparse_backend!r}: must be one of {SPARSE_BACKENDS}")
         self.pruner = Pruner(
             target_sparsity=target_sparsity,
             criterion=criterion,
@@ -174,6 +192,11 @@ class FisherPruning(Callback):
         self.include = None if include is None else list(include)
         self.exclude = list(exclude)
         self.pattern = str(self.pruner.pattern)
+        if sparse_kernels and self.pattern == "unstructured":
+            raise ValueError(f"sparse_kernels=True: needs an 'N:M' pattern, got pattern={pattern!r}")
+        self.sparse_kernels = sparse_kernels
+        self.sparse_backend = sparse_backend
+        self._swapped = False
         self._handles: list[RemovableHandle] = []
         self._metric_prefix = "pruning/"
         self._first_batch_size: int | None = None
@@ -202,6 +225,12 @@ class FisherPruning(Callback):
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.sparse_kernels and trainer.world_size > 1:
+            raise ValueError(
+                f"sparse_kernels=True: runs in a single process only, got world_size={trainer.world_size} "
+                "(DDP registers the parameters when it wraps the model; swapping layers afterwards breaks "
+                "its gradient sync). Fine-tune with sparse_kernels=False, then convert with to_sparse"
+            )
         mine = [cb for cb in trainer.callbacks if isinstance(cb, FisherPruning)]
         self._metric_prefix = "pruning/" if len(mine) <= 1 else f"pruning/{mine.index(self)}/"
 
@@ -220,9 +249,14 @@ class FisherPruning(Callback):
                     self._handles.append(optimizer.register_step_post_hook(self._mark_stepped))
         self.pruner.apply_()
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._swapped:  # resumed after the swap: the checkpoint was dense, the optimizer state too
+            self._swap(trainer, pl_module)
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.unit == "epoch":
             self._maybe_prune(trainer, pl_module, trainer.current_epoch)
+            self._maybe_swap(trainer, pl_module, trainer.current_epoch)
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
@@ -231,11 +265,12 @@ class FisherPruning(Callback):
             self._first_batch_size = _batch_size_of(batch)
         position = trainer.global_step if self.unit == "step" else trainer.current_epoch
         self._maybe_prune(trainer, pl_module, position)
+        self._maybe_swap(trainer, pl_module, position)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self._stepped or self.estimator is None:
+        if not self._stepped or self.estimator is None or self._swapped:
             return
         self._stepped = False
         current = (batch[0], batch[1])
@@ -251,6 +286,12 @@ class FisherPruning(Callback):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._remove_handles()
 
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self._swapped:
+            from lightning_fisher.sparse.training import densify_checkpoint_
+
+            densify_checkpoint_(checkpoint, pl_module, trainer.optimizers)
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -258,6 +299,7 @@ class FisherPruning(Callback):
             "unit": self.unit,
             "pruner": self.pruner.state_dict(),
             "estimator": self.estimator.state_dict() if self.estimator is not None else {},
+            "sparse_kernels_swapped": self._swapped,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -268,6 +310,12 @@ class FisherPruning(Callback):
                 f"unit={self.unit!r}: the checkpoint's schedule position counts {state_dict['unit']!r}s"
             )
         self.pruner.load_state_dict(state_dict["pruner"])
+        self._swapped = bool(state_dict.get("sparse_kernels_swapped", False))
+        if self._swapped and not self.sparse_kernels:
+            raise ValueError(
+                "sparse_kernels=False: the checkpoint was written after the swap to sparse modules; resume "
+                "with sparse_kernels=True (its layout is dense, so it loads anywhere without this callback)"
+            )
         if self.estimator is not None:
             self.estimator.load_state_dict(state_dict.get("estimator", {}))
 
@@ -346,6 +394,23 @@ class FisherPruning(Callback):
             self._broadcast_weights(trainer)
         if self.verbose:
             rank_zero_info(self._describe(event))
+
+    def _maybe_swap(self, trainer: L.Trainer, pl_module: L.LightningModule, position: int) -> None:
+        """Swap to the sparse modules once the schedule is over and its last prune has happened."""
+        if not self.sparse_kernels or self._swapped or position < self.pruner.schedule.last or self.pruner.due(position):
+            return
+        self._swapped = True
+        self._swap(trainer, pl_module)
+
+    def _swap(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from lightning_fisher.sparse.convert import fqn_filter
+        from lightning_fisher.sparse.training import sparsify_training_
+
+        report = sparsify_training_(
+            pl_module, trainer.optimizers, self.pattern, self.sparse_backend, fqn_filter(self.pruner.masks)
+        )
+        if self.verbose:
+            rank_zero_info(f"FisherPruning: sparse kernels for fine-tuning: {report.summary()}")
 
     def _all_reduce(self, trainer: L.Trainer, values: dict[str, Tensor]) -> dict[str, Tensor]:
         if self.estimator is None or not self.estimator.needs_all_reduce or trainer.world_size <= 1:
