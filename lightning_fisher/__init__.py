@@ -49,6 +49,7 @@ _EXPORTS: dict[str, str] = {
     "compression_report": "lightning_fisher.compress",
     "model_bits": "lightning_fisher.compress",
     "bit_operations": "lightning_fisher.compress",
+    "run_pipeline": "lightning_fisher.compress.pipeline",
 }
 
 __all__ = sorted(_EXPORTS)

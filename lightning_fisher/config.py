@@ -30,6 +30,9 @@ class TrainConfig:
     callbacks: Any = None
     fisher: Any = None
     pruning: Any = None
+    # compression pipeline (lightning_fisher.compress.pipeline): the stages in order, and their settings
+    stages: Any = None
+    compress: Any = None
     task_name: str = "train"
     seed: int = 0
     ckpt_path: Any = None

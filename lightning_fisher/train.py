@@ -75,7 +75,15 @@ def build(cfg: DictConfig) -> dict[str, Any]:
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    """Train (and test) as ``cfg`` says; returns the final metrics and the objects that were built."""
+    """Train (and test) as ``cfg`` says; returns the final metrics and the objects that were built.
+
+    With ``cfg.stages`` set (e.g. ``stages=[distill,prune,quantize]``) the compression pipeline runs
+    instead: :func:`lightning_fisher.compress.pipeline.train_stages`.
+    """
+    if cfg.get("stages"):
+        from lightning_fisher.compress.pipeline import train_stages
+
+        return train_stages(cfg)
     L.seed_everything(cfg.seed, workers=True)
     objects = build(cfg)
     trainer: L.Trainer = objects["trainer"]
