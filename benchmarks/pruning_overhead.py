@@ -15,6 +15,12 @@ What is timed (wall clock, CUDA synchronised on a GPU):
   includes the prune (FisherPruning prunes at the start of an epoch) and SparsityMonitor's work at the
   end of it; reported separately for the epochs with a prune and those without.
 
+* **inside the callbacks** (the pruning runs only): the wall-clock time spent in every hook of the two
+  callbacks and in the mask re-application after each optimizer step, summed per run, as a fraction
+  of that same run's total time (per-step work and per-epoch work shown apart). Both numbers come
+  from the same run, so this ratio holds on a machine whose speed varies between runs, where the
+  plain-vs-pruning comparison above does not.
+
 Inputs are random 32×32 images with random labels: the cost of a step does not depend on pixel values.
 No validation loop runs (``SparsityMonitor(log_on_train_epoch_end=True, monitor="train/acc")``).
 
@@ -78,10 +84,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @dataclass
 class Timings:
-    """Per-epoch lists of step durations, and epoch durations, of one run."""
+    """Per-epoch lists of step durations, epoch durations, and seconds spent inside the callbacks."""
 
     steps: list[list[float]] = field(default_factory=list)
     epochs: list[float] = field(default_factory=list)
+    inside: dict[str, float] = field(default_factory=dict)
+
+
+CIFAR_STEPS = 391  # one CIFAR-10 epoch at batch 128
+PER_STEP_HOOKS = ("on_train_batch_start", "on_train_batch_end", "on_before_zero_grad", "on_after_backward",
+                  "on_before_optimizer_step", "apply_")
+
+
+def instrument(obj: Any, seconds: dict[str, float], cuda: bool) -> None:
+    """Wrap ``obj``'s hook methods (``on_*``, ``setup``, ``teardown``, ``apply_``) on the instance, adding
+    their wall-clock time to ``seconds["per_step"]`` or ``seconds["per_epoch"]``."""
+    names = [n for n in dir(type(obj)) if n.startswith("on_") or n in ("setup", "teardown", "apply_")]
+    for name in names:
+        method = getattr(obj, name)
+        if not callable(method):
+            continue
+        bucket = "per_step" if name in PER_STEP_HOOKS else "per_epoch"
+
+        def timed(*args: Any, _method: Any = method, _bucket: str = bucket, **kwargs: Any) -> Any:
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            try:
+                return _method(*args, **kwargs)
+            finally:
+                if cuda:
+                    torch.cuda.synchronize()
+                seconds[_bucket] = seconds.get(_bucket, 0.0) + time.perf_counter() - start
+
+        setattr(obj, name, timed)
 
 
 class StepTimer(Callback):
@@ -136,11 +172,12 @@ def train_one(with_pruning: bool, args: argparse.Namespace, log_dir: str) -> Tim
     timer = StepTimer(cuda)
     callbacks: list[Callback] = [timer]
     if with_pruning:
-        callbacks += [
-            FisherPruning(estimator=Squisher(), target_sparsity=args.sparsity, scope="global",
-                          start_epoch=args.prune_start, end_epoch=args.prune_end, frequency=1, verbose=False),
-            SparsityMonitor(monitor="train/acc", log_on_train_epoch_end=True, dirpath=log_dir),
-        ]
+        pruning = FisherPruning(estimator=Squisher(), target_sparsity=args.sparsity, scope="global",
+                                start_epoch=args.prune_start, end_epoch=args.prune_end, frequency=1, verbose=False)
+        monitor = SparsityMonitor(monitor="train/acc", log_on_train_epoch_end=True, dirpath=log_dir)
+        for obj in (pruning, pruning.pruner, monitor):
+            instrument(obj, timer.timings.inside, cuda)
+        callbacks += [pruning, monitor]
     trainer = L.Trainer(
         max_epochs=args.epochs, accelerator=args.accelerator, devices=1, callbacks=callbacks, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -204,6 +241,24 @@ def main(argv: list[str] | None = None) -> None:
     total_b = statistics.fmean(sum(r.epochs) for r in pruning)
     rows.append(("whole run (all epochs), mean", total_a, total_b))
 
+    print()
+    inside = [(r.inside.get("per_step", 0.0), r.inside.get("per_epoch", 0.0), sum(r.epochs)) for r in pruning]
+    print("| inside the callbacks (pruning runs) | seconds per run | fraction of the run |")
+    print("|---|---:|---:|")
+    for label, index in (("per-step work (batch hooks + mask re-application)", 0), ("per-epoch and fit work "
+                         "(prunes incl. the Fisher read, SparsityMonitor, setup)", 1)):
+        spent = statistics.fmean(row[index] for row in inside)
+        fraction = statistics.fmean(row[index] / row[2] for row in inside)
+        print(f"| {label} | {spent:.3f} | {100 * fraction:.2f}% |")
+    total = statistics.fmean((row[0] + row[1]) / row[2] for row in inside)
+    print(f"| all of it | {statistics.fmean(row[0] + row[1] for row in inside):.3f} | {100 * total:.2f}% |")
+    step = statistics.median(_steps(pruning, list(range(args.epochs)), args.warmup))
+    per_epoch = statistics.fmean(row[1] for row in inside) / args.epochs
+    per_step = statistics.fmean(row[0] for row in inside) / (args.epochs * args.steps_per_epoch)
+    print(f"per step inside the callbacks: {1000 * per_step:.2f} ms = {100 * per_step / step:.2f}% of the median "
+          f"step ({step:.3f} s); per epoch: {per_epoch:.3f} s, i.e. {100 * per_epoch / (step * args.steps_per_epoch):.2f}% "
+          f"of this benchmark's {args.steps_per_epoch}-step epoch and {100 * per_epoch / (step * CIFAR_STEPS):.2f}% "
+          f"of a {CIFAR_STEPS}-step CIFAR-10 epoch (50,000 images, batch 128) at this step time")
     print()
     print("per epoch, median step (s) over the repeats: " + "; ".join(
         f"epoch {e}{'*' if e in prune_epochs else ''} {statistics.median(_steps(plain, [e], args.warmup)):.4f} / "
