@@ -23,9 +23,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_fisher.compress.planner import (
-    COMPRESSION_KEYS,
-    METRICS,
     OrderPlan,
+    check_rule,
     load_records,
     plan_from_records,
 )
@@ -62,16 +61,7 @@ class OrderReport(Callback):
         run_final: bool = False,
         filename: str = "order_report",
     ) -> None:
-        if metric not in METRICS:
-            raise ValueError(f"metric={metric!r}: must be one of {METRICS}")
-        if compression_key not in COMPRESSION_KEYS:
-            raise ValueError(f"compression_key={compression_key!r}: must be one of {COMPRESSION_KEYS}")
-        if metric == "compression" and accuracy_floor is None:
-            raise ValueError("accuracy_floor=None: metric='compression' needs an accuracy floor in [0, 1]")
-        if accuracy_floor is not None and not 0.0 <= accuracy_floor <= 1.0:
-            raise ValueError(f"accuracy_floor={accuracy_floor!r}: must be in [0, 1]")
-        if tie_margin < 0:
-            raise ValueError(f"tie_margin={tie_margin!r}: must be >= 0")
+        check_rule(metric, accuracy_floor, compression_key, tie_margin)
         self.metric = metric
         self.accuracy_floor = accuracy_floor
         self.compression_key = compression_key

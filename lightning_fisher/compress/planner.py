@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 __all__ = [
+    "check_rule",
     "COMPRESSION_KEYS",
     "CycleResolution",
     "METRICS",
@@ -283,9 +284,7 @@ def decide_pairs(
     compression_tolerance: float = 0.1,
 ) -> list[PairDecision]:
     """One :class:`PairDecision` per unordered pair of ``stages`` (default: every stage in a two-stage record)."""
-    _check_rule(metric, accuracy_floor, compression_key)
-    if tie_margin < 0:
-        raise ValueError(f"tie_margin={tie_margin!r}: must be >= 0")
+    check_rule(metric, accuracy_floor, compression_key, tie_margin)
     if compression_tolerance < 0:
         raise ValueError(f"compression_tolerance={compression_tolerance!r}: must be >= 0")
     by_order: dict[tuple[str, str], list[RunRecord]] = {}
@@ -331,7 +330,7 @@ def _decide(
         if margin <= tie_margin:
             return verdict(None, margin, _join("tie", note))
         return verdict(forward.accuracy > backward.accuracy, margin, note)
-    assert floor is not None  # _check_rule guarantees it
+    assert floor is not None  # check_rule guarantees it
     passes_f, passes_b = forward.accuracy >= floor, backward.accuracy >= floor
     if not passes_f and not passes_b:
         return verdict(None, 0.0, "below floor")
@@ -439,7 +438,10 @@ def plan_from_records(
 
 
 # ---------------------------------------------------------------- helpers
-def _check_rule(metric: str, accuracy_floor: float | None, compression_key: str) -> None:
+def check_rule(metric: str, accuracy_floor: float | None, compression_key: str, tie_margin: float = 0.0) -> None:
+    """Validate a decision rule (metric, floor, compression key, tie margin); raises ``ValueError``."""
+    if tie_margin < 0:
+        raise ValueError(f"tie_margin={tie_margin!r}: must be >= 0")
     if metric not in METRICS:
         raise ValueError(f"metric={metric!r}: must be one of {METRICS}")
     if compression_key not in COMPRESSION_KEYS:
