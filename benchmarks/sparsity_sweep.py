@@ -1,11 +1,28 @@
-"""Benchmark 2: test accuracy after gradual pruning, by method, at 90/95/98% unstructured and 2:4.
+"""Benchmark 2: test accuracy after pruning, by method, at 90/95/98% unstructured and 2:4.
 
-Every run trains the same ResNet18 (CIFAR stem) from the same seed, on the same shuffled and augmented
-batches, with the same optimizer (AdamW, lr 1e-3, weight decay 0.05 as ``conf/optimizer/adamw.yaml``, so
-the Squisher has Adam state to read), the same cosine learning-rate schedule over ``--epochs`` epochs,
-and the same gradual cubic schedule (Zhu & Gupta) from 0 at ``--prune-start`` to the target at
-``--prune-end``, one prune per epoch. The stem conv and the classifier stay dense for every method.
-Methods:
+Two modes (``--mode``):
+
+* ``gradual`` (default): every run trains the same ResNet18 (CIFAR stem) from the same seed, on the
+  same shuffled and augmented batches, with the same optimizer (AdamW, lr 1e-3, weight decay 0.05 as
+  ``conf/optimizer/adamw.yaml``, so the Squisher has Adam state to read), the same cosine learning-rate
+  schedule over ``--epochs`` epochs, and the same gradual cubic schedule (Zhu & Gupta) from 0 at
+  ``--prune-start`` to the target at ``--prune-end``, one prune per epoch, then fine-tunes to the end.
+* ``oneshot``: ONE dense model is trained (AdamW, the same ``--epochs`` budget and cosine schedule);
+  then for every method and target a deep copy of it is pruned once, straight to the target, with NO
+  fine-tuning, and tested. The pruning uses the core directly (``lightning_fisher.pruning.Pruner`` with
+  ``schedule="one_shot"``, the estimator with a ``FisherContext`` filled like ``FisherPruning``'s: the
+  model in training mode, the pruned weights, the trained optimizer, the training batches on the device
+  and augmented as in training, the module's loss, the batch size). The Fisher estimate of a method is
+  computed once from the dense model and reused for every target: a one-shot prune depends only on the
+  dense model, so this equals recomputing it from a fresh copy per target (FishLeg's Q is learned with
+  seeded probes, and its ``pretrain_steps`` updates run on the dense model either way). The dense
+  model's weights and BatchNorm buffers are restored after the estimate (forward passes in training
+  mode move the running statistics). BatchNorm: the pruned copy is tested with the dense model's
+  running statistics, no recalibration, unless ``--bn-recalibrate N`` re-estimates them on N training
+  batches (no augmentation change, no gradient, no weight update) before the test. No weight changes
+  after the prune except OBS's own compensation (``fishleg_obs``).
+
+The stem conv and the classifier stay dense for every method. Methods:
 
 * ``magnitude_layer``: ``FisherPruning(criterion="magnitude", scope="layer")`` (|θ|, the same sparsity
   in every layer: magnitudes are not comparable across layers, so per-layer budgets are the usual form);
@@ -14,7 +31,8 @@ Methods:
   on the same weights, with ``amount`` a function of the epoch that gives the same cumulative cubic
   sparsity as the others (ModelPruning prunes a fraction of what remains, at the end of an epoch: the
   amount at the end of epoch e takes the sparsity to the level the others reach before epoch e+1).
-  It has no N:M pattern: ``n/a`` for 2:4;
+  In ``oneshot``: ``torch.nn.utils.prune.global_unstructured`` with ``L1Unstructured`` (what
+  ModelPruning calls) at the target, made permanent. It has no N:M pattern: ``n/a`` for 2:4;
 * ``squisher``: ``FisherPruning(criterion="fisher", estimator=Squisher(), scope="global")`` (OBD
   θ²F/2 with the free Fisher read from AdamW's second moment);
 * ``empirical``: ``FisherPruning(criterion="fisher", estimator=EmpiricalFisher(num_samples=...),
@@ -22,17 +40,26 @@ Methods:
 * ``kronecker``: ``FisherPruning(criterion="fisher", estimator=KroneckerFisher(), scope="global")``,
   the free Kronecker Fisher of AdaFisher. This one method trains with ``AdaFisherW`` (same lr and
   weight decay) instead of AdamW, since its Fisher is that optimizer's state: its accuracy mixes the
-  optimizer's effect with the criterion's, so compare it with the ``dense_adafisher`` row too.
+  optimizer's effect with the criterion's, so compare it with the ``dense_adafisher`` row too (in
+  ``oneshot`` a second dense model is trained with AdaFisherW, only when ``kronecker`` is asked for);
+* ``fishleg``: ``FisherPruning(criterion="fisher", estimator=FishLegFisher(pretrain_steps=
+  --fishleg-pretrain, update_every=--fishleg-update-every), scope="global")`` (FishLeg Surgeon's
+  learned inverse Fisher Q, default damping and conv_form; scored with the diagonal Fisher Q implies,
+  θ²F/2, no compensation). Q starts from AdamW's second moment and learns every ``update_every``
+  steps during training (gradual only) and ``pretrain_steps`` times before its first prune;
+* ``fishleg_obs``: the same with ``compensate=True``: OBS scores θ²/(2Q_qq) and the OBS update of the
+  surviving weights with Q (FishLeg Surgeon).
 
 "Δ vs magnitude" in the table is each method's accuracy minus ``magnitude_layer``'s at the same target
 (``magnitude_global`` is shown as its own row). The dense baseline trains the same way with no pruning.
 
 The data are the JPEG copy of CIFAR-10 in ``../shared/data``; the archive is extracted once into a
 temporary directory unless ``--data-dir`` points at an extracted copy. Accuracy is on the whole test
-split (10,000 images) after the last epoch.
+split (10,000 images) after the last epoch (gradual) or right after the prune (oneshot).
 
     python benchmarks/sparsity_sweep.py                     # CPU proxy: width 16, 500 images/class
     python benchmarks/sparsity_sweep.py --width 4 --max-per-class 20 --epochs 3   # smoke test (minutes)
+    python benchmarks/sparsity_sweep.py --mode oneshot --sparsities 0.8,0.9,0.95,0.98   # one-shot, no fine-tuning
     python benchmarks/sparsity_sweep.py --width 64 --max-per-class 0 --accelerator gpu --epochs 60 \\
         --prune-start 10 --prune-end 40                     # the full CIFAR ResNet18 on a GPU
 """
@@ -40,6 +67,7 @@ split (10,000 images) after the last epoch.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import logging
 import os
@@ -48,65 +76,107 @@ import tarfile
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelPruning
+from torch import Tensor, nn
+from torch.nn.utils import prune as torch_prune
 
 from lightning_fisher.callbacks import FisherPruning
 from lightning_fisher.data import CIFAR10DataModule
-from lightning_fisher.fisher import EmpiricalFisher, KroneckerFisher, Squisher
+from lightning_fisher.fisher import EmpiricalFisher, FisherContext, FisherEstimator, FishLegFisher, KroneckerFisher, Squisher
 from lightning_fisher.models import ResNet18
 from lightning_fisher.module import ImageClassifier
 from lightning_fisher.optim import AdaFisherW
+from lightning_fisher.pruning import Pruner
 from lightning_fisher.pruning.schedules import cubic_sparsity
 from lightning_fisher.pruning.selection import select_parameters
 
-__all__ = ["METHODS", "Run", "lightning_amount", "main", "parse_args", "train_one"]
+__all__ = [
+    "METHODS",
+    "MODES",
+    "Dense",
+    "PruneInputs",
+    "Run",
+    "estimate",
+    "evaluate",
+    "fishleg_estimator",
+    "format_table",
+    "lightning_amount",
+    "main",
+    "parse_args",
+    "prune_one_shot",
+    "train_dense",
+    "train_one",
+]
 
 DEFAULT_ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 METHODS: tuple[str, ...] = (
     "magnitude_layer", "magnitude_global", "lightning_l1", "squisher", "empirical", "kronecker",
+    "fishleg", "fishleg_obs",
 )
+MODES: tuple[str, ...] = ("gradual", "oneshot")
 ADAFISHER_METHODS = ("kronecker", "dense_adafisher")
 BASELINE = "magnitude_layer"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=MODES, default="gradual",
+                        help="gradual: train+prune+fine-tune per run; oneshot: prune one trained dense model, no fine-tuning")
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="an extracted CIFAR-10 (default: extract --archive into a temporary directory)")
     parser.add_argument("--archive", type=Path, default=DEFAULT_ARCHIVE, help="the CIFAR-10 JPEG archive")
     parser.add_argument("--width", type=int, default=16, help="ResNet18 width (64 = the full 11.17M-parameter model)")
     parser.add_argument("--max-per-class", type=int, default=500, help="training images per class (0 = all 5,000)")
-    parser.add_argument("--epochs", type=int, default=8, help="training epochs of every run")
+    parser.add_argument("--epochs", type=int, default=8, help="training epochs of every run (oneshot: of the dense model)")
     parser.add_argument("--prune-start", type=int, default=None,
-                        help="epoch of the first prune (sparsity 0 there); default: epochs // 5")
+                        help="epoch of the first prune (sparsity 0 there); default: epochs // 5 (gradual only)")
     parser.add_argument("--prune-end", type=int, default=None,
-                        help="epoch where the target is reached; default: epochs * 3 // 4 (must be < epochs)")
+                        help="epoch where the target is reached; default: epochs * 3 // 4 (must be < epochs; gradual only)")
     parser.add_argument("--sparsities", default="0.9,0.95,0.98", help="comma-separated unstructured targets")
     parser.add_argument("--patterns", default="2:4", help="comma-separated N:M patterns ('' for none)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
-    parser.add_argument("--no-dense", action="store_true", help="skip the dense baseline run")
+    parser.add_argument("--no-dense", action="store_true",
+                        help="skip the dense baseline run (gradual only: oneshot needs the dense model)")
     parser.add_argument("--fisher-samples", type=int, default=1024, help="EmpiricalFisher num_samples")
+    parser.add_argument("--fishleg-pretrain", type=int, default=50,
+                        help="FishLegFisher pretrain_steps: auxiliary updates before the first prune")
+    parser.add_argument("--fishleg-update-every", type=int, default=10,
+                        help="FishLegFisher update_every: an auxiliary update every this many training steps (gradual)")
+    parser.add_argument("--bn-recalibrate", type=int, default=0,
+                        help="oneshot: re-estimate BatchNorm statistics on this many training batches after the prune "
+                             "(0 = test with the dense model's running statistics)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--accelerator", default="cpu", help="Lightning accelerator: cpu, gpu, auto")
-    parser.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed on a GPU")
+    parser.add_argument("--precision", default="32-true",
+                        help="Lightning precision of training, e.g. bf16-mixed on a GPU (oneshot estimates and tests in fp32)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=None,
                         help="also write the results: .csv (one row per run) or .md (the table)")
     args = parser.parse_args(argv)
+    if args.epochs < 1:
+        parser.error(f"--epochs ({args.epochs}): must be >= 1")
     args.prune_start = args.epochs // 5 if args.prune_start is None else args.prune_start
     args.prune_end = args.epochs * 3 // 4 if args.prune_end is None else args.prune_end
-    if not 0 <= args.prune_start < args.prune_end < args.epochs:
+    if args.mode == "gradual" and not 0 <= args.prune_start < args.prune_end < args.epochs:
         parser.error(f"need 0 <= --prune-start ({args.prune_start}) < --prune-end ({args.prune_end}) "
                      f"< --epochs ({args.epochs}), so the last prune is followed by training")
+    if args.fishleg_pretrain < 0:
+        parser.error(f"--fishleg-pretrain ({args.fishleg_pretrain}): must be >= 0")
+    if args.fishleg_update_every < 1:
+        parser.error(f"--fishleg-update-every ({args.fishleg_update_every}): must be >= 1")
+    if args.bn_recalibrate < 0:
+        parser.error(f"--bn-recalibrate ({args.bn_recalibrate}): must be >= 0")
     args.methods = _choices(parser, "--methods", args.methods, METHODS)
     args.sparsities = [float(s) for s in args.sparsities.split(",") if s.strip()]
     if any(not 0.0 < s < 1.0 for s in args.sparsities):
@@ -125,7 +195,11 @@ def _choices(parser: argparse.ArgumentParser, flag: str, text: str, allowed: tup
 
 @dataclass
 class Run:
-    """One training run: a method at a target (``"dense"``, ``"0.95"`` or ``"2:4"``)."""
+    """One result: a method at a target (``"dense"``, ``"0.95"`` or ``"2:4"``).
+
+    ``seconds`` is the training time (gradual, and the dense rows) or the prune time (oneshot: the
+    method's shared Fisher estimate is counted in the first target's row only).
+    """
 
     method: str
     target: str
@@ -148,8 +222,30 @@ def lightning_amount(final: float, start: int, end: int) -> Callable[[int], floa
     return amount
 
 
-def _pruned_weights(model: ImageClassifier) -> dict[str, torch.nn.Parameter]:
+def fishleg_estimator(args: argparse.Namespace) -> FishLegFisher:
+    """``FishLegFisher`` with the sweep's ``pretrain_steps`` and ``update_every``, default damping/conv_form."""
+    return FishLegFisher(pretrain_steps=args.fishleg_pretrain, update_every=args.fishleg_update_every)
+
+
+def _pruned_weights(model: nn.Module) -> dict[str, torch.nn.Parameter]:
     return select_parameters(model)  # the same selection as FisherPruning's defaults (stem, fc dense)
+
+
+def _estimator(method: str, args: argparse.Namespace) -> tuple[FisherEstimator, bool] | None:
+    """The estimator and ``compensate`` flag of a Fisher method; ``None`` for the others."""
+    if method == "squisher":
+        return Squisher(), False
+    if method == "empirical":
+        return EmpiricalFisher(num_samples=args.fisher_samples), False
+    if method == "kronecker":
+        return KroneckerFisher(), False
+    if method in ("fishleg", "fishleg_obs"):
+        return fishleg_estimator(args), method == "fishleg_obs"
+    return None
+
+
+def _shape(target: str) -> dict[str, object]:
+    return {"pattern": target} if ":" in target else {"pattern": "unstructured", "target_sparsity": float(target)}
 
 
 def _callbacks(method: str, target: str, model: ImageClassifier, args: argparse.Namespace) -> list[Callback] | None:
@@ -159,18 +255,16 @@ def _callbacks(method: str, target: str, model: ImageClassifier, args: argparse.
     nm = ":" in target
     schedule = {"schedule": "gradual", "start_epoch": args.prune_start, "end_epoch": args.prune_end,
                 "frequency": 1, "verbose": False}
-    shape = {"pattern": target} if nm else {"pattern": "unstructured", "target_sparsity": float(target)}
+    shape = _shape(target)
     if method == "magnitude_layer":
         return [FisherPruning(criterion="magnitude", scope="layer", **shape, **schedule)]
     if method == "magnitude_global":
         return [FisherPruning(criterion="magnitude", scope="global", **shape, **schedule)]
-    if method == "squisher":
-        return [FisherPruning(criterion="fisher", estimator=Squisher(), scope="global", **shape, **schedule)]
-    if method == "empirical":
-        estimator = EmpiricalFisher(num_samples=args.fisher_samples)
-        return [FisherPruning(criterion="fisher", estimator=estimator, scope="global", **shape, **schedule)]
-    if method == "kronecker":
-        return [FisherPruning(criterion="fisher", estimator=KroneckerFisher(), scope="global", **shape, **schedule)]
+    fisher = _estimator(method, args)
+    if fisher is not None:
+        estimator, compensate = fisher
+        return [FisherPruning(criterion="fisher", estimator=estimator, scope="global", compensate=compensate,
+                              **shape, **schedule)]
     if method == "lightning_l1":
         if nm:
             return None
@@ -182,14 +276,13 @@ def _callbacks(method: str, target: str, model: ImageClassifier, args: argparse.
     raise ValueError(f"method={method!r}: must be one of {METHODS} or 'dense'")
 
 
-def _sparsity(model: ImageClassifier) -> float:
+def _sparsity(model: nn.Module) -> float:
     weights = list(_pruned_weights(model).values())
     zeros = sum(int((w == 0).sum()) for w in weights)
     return zeros / sum(w.numel() for w in weights)
 
 
-def train_one(method: str, target: str, data: CIFAR10DataModule, args: argparse.Namespace) -> Run:
-    """Train a fresh seeded model with ``method`` pruning to ``target``; test accuracy after the last epoch."""
+def _model(method: str, args: argparse.Namespace) -> ImageClassifier:
     L.seed_everything(args.seed, verbose=False)
     epochs = args.epochs
     net = ResNet18(num_classes=10, width=args.width)
@@ -199,27 +292,217 @@ def train_one(method: str, target: str, data: CIFAR10DataModule, args: argparse.
     else:
         def optimizer(params):  # noqa: ANN001, ANN202
             return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    model = ImageClassifier(
+    return ImageClassifier(
         net,
         num_classes=10,
         optimizer=optimizer,
         scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs),
     )
-    callbacks = _callbacks(method, target, model, args)
-    if callbacks is None:
-        return Run(method, target)
+
+
+def _fit(model: ImageClassifier, callbacks: list[Callback], data: CIFAR10DataModule,
+         args: argparse.Namespace) -> tuple[L.Trainer, float]:
     trainer = L.Trainer(
-        max_epochs=epochs, accelerator=args.accelerator, devices=1, precision=args.precision,
+        max_epochs=args.epochs, accelerator=args.accelerator, devices=1, precision=args.precision,
         callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, deterministic=False,
     )
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
-    seconds = time.perf_counter() - start
+    return trainer, time.perf_counter() - start
+
+
+def train_one(method: str, target: str, data: CIFAR10DataModule, args: argparse.Namespace) -> Run:
+    """Train a fresh seeded model with ``method`` pruning to ``target``; test accuracy after the last epoch."""
+    model = _model(method, args)
+    callbacks = _callbacks(method, target, model, args)
+    if callbacks is None:
+        return Run(method, target)
+    trainer, seconds = _fit(model, callbacks, data, args)
     (metrics,) = trainer.test(model, datamodule=data, verbose=False)
     return Run(method, target, float(metrics["test/acc"]), _sparsity(model), seconds)
 
 
+# ------------------------------------------------------------------------------------------ one-shot
+@dataclass
+class Dense:
+    """A trained dense network, its optimizer (with its state) and where to run it."""
+
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy
+    seconds: float = 0.0
+
+
+@dataclass
+class PruneInputs:
+    """What ``Pruner.step`` needs from an estimator: a diagonal Fisher, or Q's diagonal and product."""
+
+    fisher: dict[str, Tensor] | None = None
+    inverse_diag: dict[str, Tensor] | None = None
+    inverse_product: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None
+    seconds: float = 0.0
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def _device(args: argparse.Namespace) -> torch.device:
+    if args.accelerator in ("gpu", "cuda") or (args.accelerator == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _optimizer_to(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if isinstance(value, Tensor) and key != "step":
+                state[key] = value.to(device)
+
+
+def train_dense(method: str, data: CIFAR10DataModule, args: argparse.Namespace) -> Dense:
+    """Train the dense model of ``method`` (``"dense"``: AdamW, ``"dense_adafisher"``: AdaFisherW)."""
+    model = _model(method, args)
+    trainer, seconds = _fit(model, [], data, args)
+    device = _device(args)
+    net = model.net.to(device)  # Lightning's teardown may have moved it back to the CPU
+    optimizer = trainer.optimizers[0]
+    _optimizer_to(optimizer, device)
+    return Dense(net, optimizer, device, model.loss, seconds)
+
+
+def _batches(data: CIFAR10DataModule, device: torch.device, train: bool = True) -> Callable[[], Iterator[tuple[Tensor, Tensor]]]:
+    """Fresh iterators of training batches on ``device``, augmented (``train``) and normalised as in training."""
+
+    def batches() -> Iterator[tuple[Tensor, Tensor]]:
+        for images, labels in data.train_dataloader():
+            yield data.transform_batch(images.to(device), train=train), labels.to(device)
+
+    return batches
+
+
+@torch.no_grad()
+def evaluate(net: nn.Module, data: CIFAR10DataModule, device: torch.device) -> float:
+    """Top-1 accuracy on the whole test split, in eval mode (BatchNorm's running statistics)."""
+    net.eval()
+    correct = total = 0
+    for images, labels in data.test_dataloader():
+        logits = net(data.transform_batch(images.to(device), train=False))
+        correct += int((logits.argmax(dim=1) == labels.to(device)).sum())
+        total += labels.numel()
+    return correct / total
+
+
+@torch.no_grad()
+def _recalibrate_bn(net: nn.Module, batches: Iterator[tuple[Tensor, Tensor]], count: int) -> None:
+    """Re-estimate BatchNorm running statistics as plain averages over ``count`` training batches."""
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    net.train()
+    for i, (images, _) in enumerate(batches):
+        if i >= count:
+            break
+        net(images)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    net.eval()
+
+
+def estimate(method: str, dense: Dense, data: CIFAR10DataModule, args: argparse.Namespace) -> PruneInputs:
+    """The Fisher inputs of ``method``'s one-shot prune, from the dense model (restored afterwards)."""
+    fisher = _estimator(method, args)
+    if fisher is None:
+        return PruneInputs()
+    estimator, compensate = fisher
+    saved = {k: v.detach().clone() for k, v in dense.net.state_dict().items()}
+    estimator.check(dense.optimizer)
+    context = FisherContext(
+        model=dense.net,
+        parameters=_pruned_weights(dense.net),
+        optimizer=dense.optimizer,
+        batches=_batches(data, dense.device),
+        loss_fn=dense.loss_fn,
+        batch_size=args.batch_size,
+        extra={"masks": {}},
+    )
+    dense.net.train()  # as FisherPruning sees the model: in training
+    start = time.perf_counter()
+    if compensate:
+        inputs = PruneInputs(inverse_diag=estimator.inverse_diagonal(context),
+                             inverse_product=partial(estimator.inverse_product, context))
+    else:
+        inputs = PruneInputs(fisher=estimator.diagonal(context))
+    inputs.seconds = time.perf_counter() - start
+    if isinstance(estimator, FishLegFisher):
+        inputs.extra["fishleg_updates"] = estimator.updates
+    dense.net.load_state_dict(saved)
+    dense.net.eval()
+    return inputs
+
+
+def prune_one_shot(method: str, target: str, dense: Dense, inputs: PruneInputs,
+                   args: argparse.Namespace) -> nn.Module | None:
+    """A deep copy of the dense net pruned once by ``method`` to ``target``; ``None`` when not applicable."""
+    net = copy.deepcopy(dense.net)
+    if method == "lightning_l1":
+        if ":" in target:
+            return None
+        modules = dict(net.named_modules())
+        params = [(modules[name.rsplit(".", 1)[0]], "weight") for name in _pruned_weights(net)]
+        torch_prune.global_unstructured(params, pruning_method=torch_prune.L1Unstructured, amount=float(target))
+        for module, name in params:
+            torch_prune.remove(module, name)
+        return net
+    if method in ("magnitude_layer", "magnitude_global"):
+        pruner = Pruner(criterion="magnitude", scope="layer" if method == "magnitude_layer" else "global",
+                        schedule="one_shot", start=0, **_shape(target))  # type: ignore[arg-type]
+    elif _estimator(method, args) is not None:
+        pruner = Pruner(criterion="fisher", scope="global", schedule="one_shot", start=0,
+                        compensate=inputs.inverse_product is not None, **_shape(target))  # type: ignore[arg-type]
+    else:
+        raise ValueError(f"method={method!r}: must be one of {METHODS}")
+    pruner.prepare(net)
+    event = pruner.step(0, inputs.fisher, inverse_diag=inputs.inverse_diag, inverse_product=inputs.inverse_product)
+    if event is None:
+        raise RuntimeError(f"{method} @ {target}: the one-shot pruner did not prune at position 0")
+    return net
+
+
+def run_oneshot(data: CIFAR10DataModule, targets: list[str], args: argparse.Namespace,
+                report: Callable[[Run, str], None]) -> list[Run]:
+    """Train the dense model(s), then prune a copy per method and target, test each with no fine-tuning."""
+    runs: list[Run] = []
+    trained = {"dense": train_dense("dense", data, args)}
+    if "kronecker" in args.methods:
+        trained["dense_adafisher"] = train_dense("dense_adafisher", data, args)
+    for name, dense in trained.items():
+        run = Run(name, "dense", evaluate(dense.net, data, dense.device), _sparsity(dense.net), dense.seconds)
+        runs.append(run)
+        report(run, "trained")
+    for method in args.methods:
+        dense = trained["dense_adafisher" if method == "kronecker" else "dense"]
+        inputs = estimate(method, dense, data, args)
+        note = f"estimate {inputs.seconds:.1f} s" + "".join(f", {k} {v}" for k, v in inputs.extra.items())
+        shared = inputs.seconds
+        for target in targets:
+            start = time.perf_counter()
+            net = prune_one_shot(method, target, dense, inputs, args)
+            if net is None:
+                run = Run(method, target)
+            else:
+                seconds = time.perf_counter() - start + shared
+                if args.bn_recalibrate:
+                    _recalibrate_bn(net, _batches(data, dense.device, train=False)(), args.bn_recalibrate)
+                run = Run(method, target, evaluate(net, data, dense.device), _sparsity(net), seconds)
+                shared = 0.0
+            runs.append(run)
+            report(run, note)
+    return runs
+
+
+# -------------------------------------------------------------------------------------------- report
 def _data_dir(args: argparse.Namespace, scratch: Path) -> Path:
     if args.data_dir is not None:
         return args.data_dir
@@ -239,6 +522,29 @@ def _machine(args: argparse.Namespace) -> str:
         device = f"cpu ({platform.processor() or platform.machine()})"
     return (f"{platform.platform()} | {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()} | "
             f"torch {torch.__version__} | lightning {L.__version__} | device {device}")
+
+
+def _budget(args: argparse.Namespace, train_images: int, test_images: int, steps: int) -> str:
+    """The header's description of the run: mode, model, data, training, pruning, estimator settings."""
+    training = (f"ResNet18(width={args.width}) on {train_images} training images "
+                f"(max_per_class={args.max_per_class or 'all'}), tested on {test_images}; "
+                f"{args.epochs} epochs x {steps} steps, batch {args.batch_size}, AdamW lr {args.lr:g} "
+                f"wd {args.weight_decay:g}, cosine")
+    fishleg = [m for m in args.methods if m.startswith("fishleg")]
+    if args.mode == "gradual":
+        pruning = (f"mode gradual: every method trains from scratch, cubic pruning from epoch {args.prune_start} "
+                   f"(0%) to epoch {args.prune_end} (target), every epoch, then fine-tunes to epoch {args.epochs}")
+        fishleg_text = repr(fishleg_estimator(args))
+    else:
+        bn = (f"BatchNorm recalibrated on {args.bn_recalibrate} training batches" if args.bn_recalibrate
+              else "BatchNorm running statistics of the dense model (no recalibration)")
+        pruning = (f"mode oneshot: one dense model trained (kronecker: one with AdaFisherW), each method prunes a "
+                   f"copy once to the target, no fine-tuning; {bn}")
+        fishleg_text = f"{fishleg_estimator(args)!r} (update_every unused: no training after the estimate)"
+    parts = [training, pruning, f"EmpiricalFisher num_samples={args.fisher_samples}"]
+    if fishleg:
+        parts.append(f"{','.join(fishleg)}: {fishleg_text}")
+    return "; ".join(parts) + f"; seed {args.seed}"
 
 
 def format_table(runs: list[Run], targets: list[str], methods: list[str]) -> str:
@@ -264,11 +570,12 @@ def format_table(runs: list[Run], targets: list[str], methods: list[str]) -> str
     return "\n".join(lines)
 
 
-def _write(path: Path, runs: list[Run], header: str, table: str) -> None:
+def _write(path: Path, runs: list[Run], header: str, table: str, mode: str = "gradual") -> None:
     if path.suffix == ".csv":
+        seconds = "train_seconds" if mode == "gradual" else "seconds"
         with path.open("w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["method", "target", "test_acc", "achieved_sparsity", "train_seconds"])
+            writer.writerow(["method", "target", "test_acc", "achieved_sparsity", seconds])
             for r in runs:
                 writer.writerow([r.method, r.target, "" if r.accuracy is None else f"{r.accuracy:.6f}",
                                  "" if r.sparsity is None else f"{r.sparsity:.6f}", f"{r.seconds:.1f}"])
@@ -282,6 +589,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     targets = [f"{s:g}" for s in args.sparsities] + args.patterns
     machine = _machine(args)
@@ -295,21 +603,28 @@ def main(argv: list[str] | None = None) -> None:
         data.prepare_data()
         data.setup("fit")
         steps = len(data.train_dataloader())
-        budget = (f"ResNet18(width={args.width}) on {len(data.train_set)} training images "
-                  f"(max_per_class={args.max_per_class or 'all'}), tested on {len(data.test_set)}; "
-                  f"{args.epochs} epochs x {steps} steps, batch {args.batch_size}, AdamW lr {args.lr:g} "
-                  f"wd {args.weight_decay:g}, cosine; gradual cubic pruning from epoch {args.prune_start} "
-                  f"(0%) to epoch {args.prune_end} (target), every epoch; EmpiricalFisher "
-                  f"num_samples={args.fisher_samples}; seed {args.seed}")
+        budget = _budget(args, len(data.train_set), len(data.test_set), steps)
         print(f"budget: {budget}", flush=True)
-        dense = [("dense", "dense")] + ([("dense_adafisher", "dense")] if "kronecker" in args.methods else [])
-        plan = ([] if args.no_dense else dense) + [(m, t) for t in targets for m in args.methods]
         total = time.perf_counter()
-        for i, (method, target) in enumerate(plan, 1):
-            run = train_one(method, target, data, args)
-            runs.append(run)
-            acc = "n/a" if run.accuracy is None else f"test acc {run.accuracy:.4f}, sparsity {run.sparsity:.4f}"
-            print(f"[{i}/{len(plan)}] {method} @ {target}: {acc} ({run.seconds:.0f} s)", flush=True)
+        if args.mode == "oneshot":
+            count = [0]
+            planned = len(args.methods) * len(targets) + 1 + ("kronecker" in args.methods)
+
+            def report(run: Run, note: str) -> None:
+                count[0] += 1
+                acc = "n/a" if run.accuracy is None else f"test acc {run.accuracy:.4f}, sparsity {run.sparsity:.4f}"
+                print(f"[{count[0]}/{planned}] {run.method} @ {run.target}: {acc} ({run.seconds:.1f} s; {note})",
+                      flush=True)
+
+            runs = run_oneshot(data, targets, args, report)
+        else:
+            dense = [("dense", "dense")] + ([("dense_adafisher", "dense")] if "kronecker" in args.methods else [])
+            plan = ([] if args.no_dense else dense) + [(m, t) for t in targets for m in args.methods]
+            for i, (method, target) in enumerate(plan, 1):
+                run = train_one(method, target, data, args)
+                runs.append(run)
+                acc = "n/a" if run.accuracy is None else f"test acc {run.accuracy:.4f}, sparsity {run.sparsity:.4f}"
+                print(f"[{i}/{len(plan)}] {method} @ {target}: {acc} ({run.seconds:.0f} s)", flush=True)
     header = (f"machine: {machine}\nbudget: {budget}\ntotal time: {time.perf_counter() - total:.0f} s\n"
               f"cells: test accuracy (difference to {BASELINE} at the same target)")
     table = format_table(runs, targets, args.methods)
@@ -317,7 +632,7 @@ def main(argv: list[str] | None = None) -> None:
     print(header)
     print(table)
     if args.output is not None:
-        _write(args.output, runs, header, table)
+        _write(args.output, runs, header, table, args.mode)
 
 
 if __name__ == "__main__":
