@@ -83,7 +83,7 @@ class FisherPruning(Callback):
             for ``pattern="unstructured"``; for ``"N:M"`` the pattern fixes it at (M − N)/M, so leave
             it ``None`` (or give exactly that value).
         estimator: the Fisher estimator for ``criterion="fisher"``; ``None`` means ``Squisher()``.
-            Ignored by the other criteria.
+            Giving one with another criterion is an error (it would not be used).
         criterion: ``"fisher"``, ``"magnitude"`` (|θ|) or ``"random"``.
         pattern: ``"unstructured"`` or ``"N:M"`` (0 < N < M), groups along the input dimension.
         scope: ``"global"`` (one threshold over all pruned layers) or ``"layer"`` (same sparsity each).
@@ -163,6 +163,11 @@ class FisherPruning(Callback):
                 )
         elif compensate:
             raise ValueError(f"compensate=True: needs criterion='fisher', got criterion={criterion!r}")
+        elif estimator is not None:
+            raise ValueError(
+                f"estimator={estimator!r}: only criterion='fisher' uses an estimator, got criterion={criterion!r} "
+                "(drop the estimator, or use criterion='fisher')"
+            )
         if not isinstance(sparse_kernels, bool):
             raise TypeError(f"sparse_kernels={sparse_kernels!r}: must be True or False")
         if sparse_backend not in SPARSE_BACKENDS:

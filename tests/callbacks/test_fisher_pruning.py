@@ -526,6 +526,8 @@ def test_compensation_with_an_inverse_capable_estimator(make_trainer, digits, ma
             r"diagonal estimators prune with OBD and no compensation",
         ),
         (dict(target_sparsity=0.5, end_epoch=2, criterion="magnitude", compensate=True), ValueError, r"compensate=True: needs criterion='fisher'"),
+        (dict(target_sparsity=0.5, end_epoch=2, criterion="magnitude", estimator=ConstantFisher()), ValueError,
+         r"estimator=ConstantFisher\(\): only criterion='fisher' uses an estimator, got criterion='magnitude'"),
         (dict(target_sparsity=0.8, pattern="2:4", end_epoch=2), ValueError, r"target_sparsity=0.8: pattern='2:4' prunes exactly"),
     ],
 )
