@@ -203,6 +203,11 @@ def factorize(
     rule, value = ("ranks", 0.0) if ranks is not None else check_rank_rule(energy, rank_fraction, parameter_budget)
     report = LowRankReport()
     candidates = [(n, m) for n, m in model.named_modules() if n and type(m) in (nn.Linear, nn.Conv2d)]
+    for name, module in model.named_modules():
+        if name and isinstance(module, (nn.Linear, nn.Conv2d)) and type(module) not in (nn.Linear, nn.Conv2d):
+            # e.g. fake-quantized layers: factoring them would drop what the subclass adds
+            base = "Conv2d" if isinstance(module, nn.Conv2d) else "Linear"
+            report.skipped[name] = f"{type(module).__name__} is a subclass of nn.{base}, not factored"
     if ranks is not None:
         missing = sorted(set(ranks) - {n for n, _ in candidates})
         if missing:

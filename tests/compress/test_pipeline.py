@@ -200,3 +200,28 @@ def test_the_real_stages_in_one_chain(tmp_path, data):
     assert record["stages"] == ["distill", "prune", "quantize", "early_exit"]
     # half width (~4x), 50% sparse, 8 bits, exits: measured 16.7x smaller and 87x fewer bit-operations
     assert record["report"]["compression_ratio"] > 10 and record["report"]["bit_op_reduction"] > 30
+
+
+@pytest.mark.parametrize("stages", [["low_rank", "quantize"], ["quantize", "low_rank"]])
+def test_low_rank_and_quantize_in_either_order(tmp_path, data, stages):
+    from lightning_fisher.compress import FakeQuantConv2d, LowRankConv2d
+
+    result = run_pipeline(
+        _module(), data, stages, partial(_trainer, tmp_path), settings={"low_rank": {"energy": 0.5}},
+        base_epochs=1, stage_epochs=1, output_dir=tmp_path,
+    )
+    modules = list(result.module.net.modules())
+    quantized = [m for m in modules if isinstance(m, FakeQuantConv2d)]
+    factored = [m for m in modules if isinstance(m, LowRankConv2d)]
+    assert quantized, "quantization must survive whichever stage comes second"
+    if stages[0] == "low_rank":
+        assert factored  # factored first, then its factors are quantized
+    else:
+        # LowRank only factors plain nn.Conv2d/nn.Linear: already-quantized layers stay as they are, and say so
+        assert not factored
+        from lightning_fisher.compress import factorize
+
+        report = factorize(result.module.net, energy=0.5)
+        assert not report.layers and any("FakeQuantConv2d is a subclass" in why for why in report.skipped.values())
+    record = json.loads((tmp_path / "compression.json").read_text())
+    assert record["stages"] == stages and record["report"]["compression_ratio"] > 1.0
