@@ -45,6 +45,25 @@ def test_order_search_recipe_sweeps_every_ordered_pair(compose_config):
     assert callback.metric == "accuracy" and callback.run_final
 
 
+def test_order_search_composes_with_the_submitit_slurm_launcher():
+    """The multirun can go to a SLURM cluster: the launcher plugin composes with the recipe (no cluster here)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="lightning_fisher.conf", version_base="1.3"):
+        cfg = compose(
+            config_name="config",
+            overrides=["recipe=cifar10_resnet18_order_search", "hydra/launcher=submitit_slurm",
+                       "hydra.launcher.gpus_per_node=1", "hydra.callbacks.order_report.run_final=false"],
+            return_hydra_config=True,
+        )
+    GlobalHydra.instance().clear()
+    assert cfg.hydra.launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert cfg.hydra.launcher.gpus_per_node == 1 and not cfg.hydra.callbacks.order_report.run_final
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+
+
 def test_order_report_rejects_bad_arguments():
     with pytest.raises(ValueError, match="metric='speed'"):
         OrderReport(metric="speed")
