@@ -15,14 +15,6 @@ from lightning_fisher.models.resnet import ResNet18
 from lightning_fisher.module import ImageClassifier
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _data(n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     return torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)

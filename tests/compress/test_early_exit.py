@@ -16,14 +16,6 @@ from lightning_fisher.models.resnet import ResNet18
 from lightning_fisher.module import ImageClassifier
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _backbone() -> ResNet18:
     torch.manual_seed(0)
     return ResNet18(10, width=4).eval()
