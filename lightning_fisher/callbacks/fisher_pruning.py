@@ -246,12 +246,7 @@ class FisherPruning(Callback):
             self.estimator.check(self._optimizer(trainer))
             self._check_fisher_before_first_step()
         self._warn_if_schedule_outlasts_training(trainer)
-        self._remove_handles()
-        for optimizer in trainer.optimizers:
-            if self._holds_pruned(optimizer):
-                self._handles.append(self.pruner.attach(optimizer))
-                if self._estimator_learns:
-                    self._handles.append(optimizer.register_step_post_hook(self._mark_stepped))
+        self._attach(trainer)
         self.pruner.apply_()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -346,6 +341,16 @@ class FisherPruning(Callback):
     def _optimizer(self, trainer: L.Trainer) -> torch.optim.Optimizer | None:
         return next((opt for opt in trainer.optimizers if self._holds_pruned(opt)), None)
 
+    def _attach(self, trainer: L.Trainer) -> None:
+        """(Re-)register the mask re-application (and the learning estimator's step flag) on the
+        optimizers that hold pruned weights."""
+        self._remove_handles()
+        for optimizer in trainer.optimizers:
+            if self._holds_pruned(optimizer):
+                self._handles.append(self.pruner.attach(optimizer))
+                if self._estimator_learns:
+                    self._handles.append(optimizer.register_step_post_hook(self._mark_stepped))
+
     def _remove_handles(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -414,6 +419,9 @@ class FisherPruning(Callback):
         report = sparsify_training_(
             pl_module, trainer.optimizers, self.pattern, self.sparse_backend, fqn_filter(self.pruner.masks)
         )
+        # The swapped weights left the model and the optimizer: re-masking them after every step would be
+        # wasted work, so the step hooks stay only on optimizers that still hold a (dense) pruned weight.
+        self._attach(trainer)
         if self.verbose:
             rank_zero_info(f"FisherPruning: sparse kernels for fine-tuning: {report.summary()}")
 
