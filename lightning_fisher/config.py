@@ -36,6 +36,7 @@ class TrainConfig:
     task_name: str = "train"
     seed: int = 0
     ckpt_path: Any = None
+    init_ckpt: Any = None
     test: bool = True
     optimized_metric: Any = "val/acc"
 

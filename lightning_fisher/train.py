@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_fisher.config import register_configs
 from lightning_fisher.summary import print_summary
+from lightning_fisher.weights import load_weights
 
 __all__ = ["train", "main", "build"]
 
@@ -86,6 +87,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         return train_stages(cfg)
     L.seed_everything(cfg.seed, workers=True)
     objects = build(cfg)
+    if cfg.get("init_ckpt"):
+        # before ckpt_path: resuming a warm-started run (same command plus ckpt_path) restores its own state
+        load_weights(objects["model"], cfg.init_ckpt)
     trainer: L.Trainer = objects["trainer"]
     loggers: list[Logger] = objects["loggers"]
     try:

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from lightning_fisher.compress.metrics import CompressionReport, compression_report
 from lightning_fisher.module import ImageClassifier
+from lightning_fisher.weights import load_weights
 
 __all__ = [
     "STAGES",
@@ -331,7 +332,7 @@ def run_pipeline(
 
     phases: list[PhaseResult] = []
     if base_ckpt is not None:
-        _load_base(module, base_ckpt)
+        load_weights(module, base_ckpt, what="base_ckpt")
     if base_epochs:
         _set_schedule(module, scheduler_for_epochs, base_epochs)
         phases.append(_fit(make_trainer, "base", base_epochs, [], module, datamodule)[0])
@@ -435,16 +436,6 @@ def _same_module(module: ImageClassifier, net: nn.Module) -> ImageClassifier:
     )
 
 
-def _load_base(module: ImageClassifier, path: str | Path) -> None:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        raise ValueError(f"base_ckpt={str(path)!r}: does not fit the model: {str(error)[:500]}") from error
-    log.info("pipeline: dense model loaded from %s", path)
-
-
 def _device_of(net: nn.Module) -> torch.device:
     return next((p.device for p in net.parameters()), torch.device("cpu"))
 
@@ -504,6 +495,16 @@ def train_stages(cfg: Any) -> tuple[dict[str, float], dict[str, Any]]:
         raise ValueError(
             "pruning: set together with stages; the prune stage takes its settings from compress.prune, "
             "so leave the pruning group unset (pruning=null)"
+        )
+    if cfg.get("init_ckpt"):
+        raise ValueError(
+            f"init_ckpt={cfg.init_ckpt!r}: set together with stages; the pipeline starts from "
+            "compress.base_ckpt=<path> (dense weights) instead"
+        )
+    if cfg.get("ckpt_path"):
+        raise ValueError(
+            f"ckpt_path={cfg.ckpt_path!r}: set together with stages; the pipeline runs one Trainer per phase "
+            "and cannot resume one of them: start it from compress.base_ckpt=<path> instead"
         )
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)

@@ -180,6 +180,10 @@ def test_train_rejects_stages_without_the_compress_group_or_with_pruning(compose
         train(compose_config("stages=[prune]"))
     with pytest.raises(ValueError, match="pruning: set together with stages"):
         train(compose_config("stages=[prune]", "+compress=default", "pruning=fisher_pruning"))
+    with pytest.raises(ValueError, match=r"init_ckpt='w.ckpt': set together with stages.*compress.base_ckpt"):
+        train(compose_config("stages=[prune]", "+compress=default", "init_ckpt=w.ckpt"))
+    with pytest.raises(ValueError, match=r"ckpt_path='last.ckpt': set together with stages.*compress.base_ckpt"):
+        train(compose_config("stages=[prune]", "+compress=default", "ckpt_path=last.ckpt"))
 
 
 def test_the_real_stages_in_one_chain(tmp_path, data):
