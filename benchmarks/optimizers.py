@@ -20,6 +20,7 @@ PNG data for the same model; compare methods with each other on it). The archive
 temporary directory unless ``--data-dir`` points at an extracted (and then cached) copy.
 
     python benchmarks/optimizers.py                                    # CPU proxy, about 10 minutes
+    python benchmarks/optimizers.py --optimizers "adafisher@lr=0.01@damping=0.01,adam"   # variants
     python benchmarks/optimizers.py --width 64 --epochs 200 --max-per-class 0 --test-size 10000 --device cuda
 
 The full-size comparison (width 64, 50,000 images, 200 epochs; the paper reports 96.25% for AdaFisher
@@ -47,15 +48,38 @@ from lightning_fisher.data import CIFAR10DataModule
 from lightning_fisher.models import ResNet18
 from lightning_fisher.optim import AdaFisher
 
-__all__ = ["OPTIMIZERS", "Result", "main", "parse_args", "train_one"]
+__all__ = ["OPTIMIZERS", "Result", "main", "parse_args", "parse_variant", "train_one"]
 
 DEFAULT_ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
-OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
-    "adafisher": lambda model: AdaFisher(model, lr=1e-3, weight_decay=5e-4),
-    "adam": lambda model: torch.optim.Adam(model.parameters(), lr=1e-3),
-    "sgd": lambda model: torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4),
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "adafisher": lambda model, **kw: AdaFisher(model, **{"lr": 1e-3, "weight_decay": 5e-4, **kw}),
+    "adam": lambda model, **kw: torch.optim.Adam(model.parameters(), **{"lr": 1e-3, **kw}),
+    "sgd": lambda model, **kw: torch.optim.SGD(
+        model.parameters(), **{"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4, **kw}
+    ),
 }
+
+
+def parse_variant(spec: str) -> tuple[str, dict[str, float | int]]:
+    """``"adafisher@lr=0.01@damping=0.01"`` -> ``("adafisher", {"lr": 0.01, "damping": 0.01})``.
+
+    Raises:
+        ValueError: an unknown optimizer, or an override that is not ``name=number``.
+    """
+    name, *overrides = spec.strip().split("@")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"--optimizers: unknown optimizer {name!r} in {spec!r}; choose from {list(OPTIMIZERS)}")
+    settings = {}
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        try:
+            settings[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not key.strip():
+            raise ValueError(f"--optimizers: {override!r} in {spec!r} is not name=number (e.g. lr=0.01)")
+    return name, settings
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,7 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--test-size", type=int, default=2000, help="test images evaluated after every epoch")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--optimizers", default="adafisher,adam,sgd",
-                        help=f"comma-separated subset of {list(OPTIMIZERS)}")
+                        help=f"comma-separated list from {list(OPTIMIZERS)}, each optionally with @name=number "
+                             "overrides of its settings (e.g. adafisher@lr=0.01@damping=0.01)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
@@ -117,7 +142,8 @@ def train_one(name: str, data: CIFAR10DataModule, args: argparse.Namespace, devi
     """Train a fresh ResNet18 (seeded) with optimizer ``name``; evaluate after every epoch."""
     torch.manual_seed(args.seed)
     model = ResNet18(num_classes=10, width=args.width).to(device)
-    optimizer = OPTIMIZERS[name](model)
+    base, settings = parse_variant(name)
+    optimizer = OPTIMIZERS[base](model, **settings)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
     data.augmenter.reseed(args.seed)  # the same augmentation sequence for every optimizer
     result = Result(name)
@@ -185,9 +211,13 @@ def _print_table(results: list[Result]) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     chosen = [name.strip() for name in args.optimizers.split(",") if name.strip()]
-    unknown = sorted(set(chosen) - set(OPTIMIZERS))
-    if unknown or not chosen:
-        raise SystemExit(f"--optimizers: unknown {unknown}; choose from {list(OPTIMIZERS)}")
+    if not chosen:
+        raise SystemExit(f"--optimizers={args.optimizers!r}: name at least one of {list(OPTIMIZERS)}")
+    try:
+        for name in chosen:
+            parse_variant(name)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
