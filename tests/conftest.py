@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -52,3 +53,36 @@ def compose_config(tmp_path: Path) -> Iterator[Callable[..., DictConfig]]:
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Run a test on one torch thread: tiny models only pay for a second thread in contention, and on a
+    2-core CI machine a second thread fights the other jobs (use with ``pytest.mark.usefixtures``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def trained_mlp() -> Callable[..., tuple[torch.nn.Module, torch.Tensor, torch.Tensor]]:
+    """``trained_mlp(seed=0, noisy_labels=False)`` -> (model, x, y): an 8 → 16 (tanh) → 3 MLP trained by
+    Adam for 300 full-batch steps on 256 Gaussian inputs labelled by a random linear teacher (argmax, or
+    labels sampled from its softmax with ``noisy_labels``): a small trained model whose exact Fisher can
+    be formed, for the OBS tests."""
+
+    def _train(seed: int = 0, noisy_labels: bool = False) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+        torch.manual_seed(seed)
+        x = torch.randn(256, 8)
+        teacher = x[:, :3] @ torch.randn(3, 3)
+        y = torch.distributions.Categorical(logits=teacher).sample() if noisy_labels else teacher.argmax(1)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(300):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        return model, x, y
+
+    return _train

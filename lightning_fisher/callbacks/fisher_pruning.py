@@ -105,6 +105,14 @@ class FisherPruning(Callback):
             registers parameters when it wraps the model); convert before ``torch.compile``.
         sparse_backend: ``"auto"``, ``"triton"`` or ``"cusparselt"`` (see ``lightning_fisher.sparse``).
         verbose: log one line per prune (rank zero).
+        min_layer_density: layer-collapse guard (Tanaka et al. 2020) for ``scope="global"`` with the
+            unstructured pattern, a float in [0, 1): every pruned layer keeps at least
+            ``max(1, ceil(min_layer_density·numel))`` of its highest-scoring weights, and the global
+            threshold still prunes exactly ``round(s·total)`` in all (never un-pruning; a layer already
+            below its floor keeps what it has). Layers held at their floor are logged at each prune.
+            ``0`` disables it (the masks of earlier versions). Ignored with ``scope="layer"`` (every
+            layer keeps 1 − s anyway) and with N:M (every group keeps N of M). Floors the target cannot
+            leave room for are a ``ValueError`` at ``on_fit_start``, before any training.
 
     Example::
 
@@ -135,6 +143,7 @@ class FisherPruning(Callback):
         sparse_kernels: bool = False,
         sparse_backend: str = "auto",
         verbose: bool = True,
+        min_layer_density: float = 0.01,
     ) -> None:
         if unit not in UNITS:
             raise ValueError(f"unit={unit!r}: must be one of {UNITS}")
@@ -189,6 +198,7 @@ class FisherPruning(Callback):
             keep_last_dense=keep_last_dense,
             seed=seed,
             compensate=compensate,
+            min_layer_density=min_layer_density,
         )
         self.estimator = estimator if criterion == "fisher" else None
         self.criterion = criterion
@@ -431,11 +441,15 @@ class FisherPruning(Callback):
         return {name: trainer.strategy.reduce(v, reduce_op="mean") for name, v in values.items()}
 
     def _broadcast_weights(self, trainer: L.Trainer) -> None:
-        """After OBS compensation every rank takes rank 0's pruned weights (the masks were synced before)."""
-        weights = {n: p.detach().cpu() for n, p in self.pruner.parameters.items()}
-        weights = trainer.strategy.broadcast(weights, src=0)
+        """After OBS compensation every rank takes rank 0's pruned weights and the biases OBS moved.
+
+        The masks were synced before compensation; this keeps the weights identical even where the
+        ranks' arithmetic differs in the last bits.
+        """
+        moved = {**self.pruner.parameters, **{n: self.pruner.coupled[n] for n in self.pruner.moved_coupled}}
+        weights = trainer.strategy.broadcast({n: p.detach().cpu() for n, p in moved.items()}, src=0)
         with torch.no_grad():
-            for name, param in self.pruner.parameters.items():
+            for name, param in moved.items():
                 param.copy_(weights[name])
         self.pruner.apply_()
 

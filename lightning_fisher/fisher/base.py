@@ -96,7 +96,12 @@ class FisherEstimator(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__} offers no inverse Fisher")
 
     def inverse_product(self, context: FisherContext, vectors: dict[str, Tensor]) -> dict[str, Tensor]:
-        """(F + γI)⁻¹ v per parameter block; only for estimators with ``supports_inverse``."""
+        """(F + γI)⁻¹ v per parameter block; only for estimators with ``supports_inverse``.
+
+        Returns a block for every key of ``vectors`` (the other parameters taken as zero in v), and may
+        return blocks for further parameters coupled to the given ones by the inverse (a layer's bias,
+        say), keyed by the model's parameter FQN without ``_orig_mod`` segments; OBS applies them too.
+        """
         raise NotImplementedError(f"{type(self).__name__} offers no inverse Fisher")
 
     def on_train_step(self, context: FisherContext, step: int) -> dict[str, float]:

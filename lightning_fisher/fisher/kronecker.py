@@ -12,7 +12,9 @@ ranking needs. Normalisation layers are covered in their per-feature diagonal fo
 
 With diagonal factors the Kronecker inverse is diagonal too: (F + δI)⁻¹ = diag(1/(F + δ)), so
 ``inverse_diagonal`` and ``inverse_product`` are exact for this F. OBS compensation with a diagonal
-inverse leaves the surviving weights where they are (it reduces to OBD scoring θ²(F + δ)/2).
+inverse leaves the surviving weights where they are (it reduces to OBD scoring θ²(F + δ)/2). Nothing is
+coupled either: ``inverse_product`` returns only the blocks it was given, never one for a bias, so OBS
+with this estimator is OBD for the survivors and moves no other parameter.
 
 The factors are identical on every data-parallel rank (the optimizer all-reduces them), so no
 all-reduce is needed here. Under AMP they include the loss scale squared, a factor common to every
@@ -47,6 +49,10 @@ class KroneckerFisher(FisherEstimator):
     diagonal K-FAC form of Martens & Grosse (ICML 2015) and Grosse & Martens (ICML 2016, convolutions).
     Train with :class:`~lightning_fisher.optim.AdaFisher` or ``AdaFisherW``; the estimate is read from
     the optimizer when asked for, nothing is added to training.
+
+    F is diagonal (diag H ⊗ diag S), so (F + δI)⁻¹ is diagonal and couples no two parameters:
+    :meth:`inverse_product` returns exactly the blocks it was given (no bias blocks), and OBS
+    compensation with this estimator is OBD for the survivors (nothing but the pruned weights moves).
 
     Args:
         damping: δ in (F + δI)⁻¹ for :meth:`inverse_diagonal` / :meth:`inverse_product` (> 0, finite).
@@ -132,7 +138,7 @@ class KroneckerFisher(FisherEstimator):
         return {fqn: (f + self.damping).reciprocal_() for fqn, f in self.diagonal(context).items()}
 
     def inverse_product(self, context: FisherContext, vectors: dict[str, Tensor]) -> dict[str, Tensor]:
-        """v / (F + δ) per parameter block (only the blocks given in ``vectors``)."""
+        """v / (F + δ) per parameter block (only the blocks given in ``vectors``: a diagonal couples nothing)."""
         missing = sorted(set(vectors) - set(context.parameters))
         if missing:
             raise KeyError(f"KroneckerFisher.inverse_product: vectors for unknown parameters {missing}")

@@ -12,10 +12,25 @@
 Masks are boolean, ``True`` = kept. Updates are monotone: a weight already pruned stays pruned (its
 score is taken as −inf, and the new mask is intersected with the old one). Ties between equal scores
 are broken by position (flattened index, layers in order), so masks are deterministic.
+
+Layer-collapse guard (``min_layer_density``, unstructured ``scope="global"`` only). One global
+threshold can remove a whole layer, which disconnects the network ("layer collapse", Tanaka et al.
+2020, "Pruning neural networks without any data by iteratively conserving synaptic flow"). With
+``min_layer_density = d > 0`` every layer keeps at least its floor ``max(1, ceil(d·numel))`` weights,
+namely its highest-scoring survivors (ties as above: the lower index is pruned first, so the higher
+index is kept), and the global threshold ranks the remaining weights so that exactly
+``round(s·total)`` are pruned in all. A layer that already holds fewer survivors than its floor (from
+an earlier prune) keeps what it has and loses nothing more; nothing is un-pruned. Floors that leave
+too few weights to prune (``sum(floors) > total − round(s·total)``) are a ``ValueError``. Where no
+layer would fall below its floor, the masks are exactly those without the guard; ``d = 0`` switches
+the guard off. ``scope="layer"`` keeps ``1 − s`` of every layer anyway, so the guard does not apply
+there; nor to N:M patterns, which keep N of every M weights of every group.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -27,7 +42,9 @@ __all__ = [
     "SCOPES",
     "Pattern",
     "Scope",
+    "check_layer_floors",
     "from_reduction_layout",
+    "layer_floor",
     "lowest_k",
     "nm_eligible",
     "nm_groups_held",
@@ -36,7 +53,10 @@ __all__ = [
     "parse_pattern",
     "to_reduction_layout",
     "unstructured_masks",
+    "validate_min_layer_density",
 ]
+
+log = logging.getLogger(__name__)
 
 Scope = Literal["layer", "global"]
 SCOPES: tuple[str, ...] = ("layer", "global")
@@ -161,8 +181,47 @@ def _masked_scores(scores: dict[str, Tensor], masks: dict[str, Tensor]) -> dict[
     }
 
 
+def validate_min_layer_density(min_layer_density: float) -> float:
+    """Return ``min_layer_density`` as a float after checking it is a number in [0, 1)."""
+    if isinstance(min_layer_density, bool) or not isinstance(min_layer_density, (int, float)):
+        raise ValueError(f"min_layer_density={min_layer_density!r}: must be a float in [0, 1)")
+    if not 0.0 <= min_layer_density < 1.0:
+        raise ValueError(f"min_layer_density={min_layer_density!r}: must be a float in [0, 1)")
+    return float(min_layer_density)
+
+
+def layer_floor(numel: int, min_layer_density: float) -> int:
+    """Weights a layer of ``numel`` keeps under the guard: ``max(1, ceil(d·numel))``, 0 when ``d = 0``.
+
+    The product is rounded to 6 decimals before ``ceil`` so that float noise (``0.07 * 100 =
+    7.000000000000001``) does not add a weight.
+    """
+    if min_layer_density <= 0.0 or numel <= 0:
+        return 0
+    return min(numel, max(1, math.ceil(round(min_layer_density * numel, 6))))
+
+
+def check_layer_floors(sizes: dict[str, int], sparsity: float, min_layer_density: float) -> None:
+    """Raise ``ValueError`` if the floors of layers of ``sizes`` leave fewer than ``round(s·total)``
+    weights to prune (global scope): the target would be unreachable."""
+    total = sum(sizes.values())
+    floors = sum(layer_floor(n, min_layer_density) for n in sizes.values())
+    k = round(sparsity * total)
+    if floors > total - k:
+        raise ValueError(
+            f"min_layer_density={min_layer_density!r}: the per-layer floors keep {floors} of {total} weights "
+            f"({len(sizes)} layers), but sparsity={sparsity:g} prunes {k} and leaves only {total - k}; "
+            "lower min_layer_density or the sparsity (0 disables the guard)"
+        )
+
+
 def unstructured_masks(
-    scores: dict[str, Tensor], masks: dict[str, Tensor], sparsity: float, scope: Scope
+    scores: dict[str, Tensor],
+    masks: dict[str, Tensor],
+    sparsity: float,
+    scope: Scope,
+    *,
+    min_layer_density: float = 0.01,
 ) -> dict[str, Tensor]:
     """New masks pruning the lowest scores to ``sparsity`` (never un-pruning a weight).
 
@@ -171,9 +230,16 @@ def unstructured_masks(
         masks: the current masks (``True`` = kept), same keys.
         sparsity: the fraction to prune, per layer (``scope="layer"``) or over all (``"global"``).
         scope: ``"layer"`` or ``"global"``.
+        min_layer_density: ``scope="global"`` only: every layer keeps at least ``max(1, ceil(d·numel))``
+            of its highest-scoring survivors (the layer-collapse guard, see the module docstring);
+            ``0`` disables it. Ignored with ``scope="layer"``.
+
+    Raises:
+        ValueError: ``min_layer_density`` outside [0, 1), or floors that make the target unreachable.
     """
     if scope not in SCOPES:
         raise ValueError(f"scope={scope!r}: must be one of {SCOPES}")
+    density = validate_min_layer_density(min_layer_density)
     masked = _masked_scores(scores, masks)
     if scope == "layer":
         out = {}
@@ -182,9 +248,13 @@ def unstructured_masks(
             out[name] = ~lowest_k(s.flatten(), k).reshape(s.shape) & masks[name]
         return out
     names = list(masked)
-    flat = torch.cat([masked[name].flatten().to(masked[names[0]].device) for name in names])
+    device = masked[names[0]].device
+    flat = torch.cat([masked[name].flatten().to(device) for name in names])
     already = sum(int((~masks[name]).sum()) for name in names)
-    pruned = lowest_k(flat, max(round(sparsity * flat.numel()), already))
+    k = max(round(sparsity * flat.numel()), already)
+    pruned = lowest_k(flat, k)
+    if density > 0.0:
+        pruned = _guard_layers(masked, masks, names, flat, pruned, k, sparsity, density)
     out, offset = {}, 0
     for name in names:
         size = masked[name].numel()
@@ -192,6 +262,60 @@ def unstructured_masks(
         out[name] = ~piece & masks[name]
         offset += size
     return out
+
+
+def _guard_layers(
+    masked: dict[str, Tensor],
+    masks: dict[str, Tensor],
+    names: list[str],
+    flat: Tensor,
+    pruned: Tensor,
+    k: int,
+    sparsity: float,
+    density: float,
+) -> Tensor:
+    """The global selection of ``k`` weights to prune, with every layer's top survivors held back.
+
+    ``pruned`` is the unguarded selection: when it removes no protected weight it is already the
+    answer (the guarded and unguarded masks then coincide bit for bit).
+    """
+    protected_parts, held, protected_total = [], [], 0
+    for name in names:
+        s = masked[name].flatten()
+        survivors = int(masks[name].sum())
+        keep = min(layer_floor(s.numel(), density), survivors)
+        # The top `keep` survivors: everything outside the lowest numel − keep (pruned ones score −inf,
+        # so they are all among the lowest); ties follow lowest_k, the lower index goes first.
+        protected_parts.append(~lowest_k(s, s.numel() - keep).to(flat.device))
+        protected_total += keep
+    protected = torch.cat(protected_parts)
+    if not bool((pruned & protected).any()):
+        return pruned
+    total = flat.numel()
+    if protected_total > total - k:
+        raise ValueError(
+            f"min_layer_density={density!r}: the per-layer floors keep {protected_total} of {total} weights, "
+            f"but sparsity={sparsity:g} prunes {k} and leaves only {total - k}; "
+            "lower min_layer_density or the sparsity (0 disables the guard)"
+        )
+    candidates = ~protected
+    guarded = torch.zeros_like(pruned)
+    # boolean indexing keeps the order, so ties are still broken by global position among candidates
+    guarded[candidates] = lowest_k(flat[candidates], k)
+    offset = 0
+    for name in names:
+        size = masked[name].numel()
+        if bool((pruned[offset : offset + size] & protected[offset : offset + size]).any()):
+            kept = size - int(guarded[offset : offset + size].sum())
+            held.append(f"{name} ({kept}/{size})")
+        offset += size
+    log.info(
+        "global pruning to sparsity=%g: layers held at their min_layer_density=%g floor (kept/numel): %s",
+        sparsity,
+        density,
+        ", ".join(held),
+    )
+    return guarded
 
 
 def nm_masks(

@@ -20,7 +20,16 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_fisher.pruning.masks import load_masks, masks_state_dict, sparsity
-from lightning_fisher.pruning.patterns import SCOPES, Scope, nm_eligible, nm_masks, parse_pattern, unstructured_masks
+from lightning_fisher.pruning.patterns import (
+    SCOPES,
+    Scope,
+    check_layer_floors,
+    nm_eligible,
+    nm_masks,
+    parse_pattern,
+    unstructured_masks,
+    validate_min_layer_density,
+)
 from lightning_fisher.pruning.schedules import SCHEDULES, Schedule, ScheduleKind, SchedulePosition
 from lightning_fisher.pruning.scores import (
     CRITERIA,
@@ -31,7 +40,7 @@ from lightning_fisher.pruning.scores import (
     score_obs,
     score_random,
 )
-from lightning_fisher.pruning.selection import select_parameters
+from lightning_fisher.pruning.selection import clean_fqn, select_parameters
 from lightning_fisher.pruning.surgeon import InverseProduct, obs_compensate_
 
 __all__ = ["PruneEvent", "Pruner", "STATE_VERSION"]
@@ -72,7 +81,12 @@ class Pruner:
         iterative_fraction: fraction of the remaining weights removed per iterative cycle.
         include, exclude, keep_first_dense, keep_last_dense: which weights, see :func:`select_parameters`.
         seed: seed of the ``random`` criterion's generator.
-        compensate: apply the OBS update to the surviving weights at each prune (needs an inverse Fisher).
+        compensate: apply the OBS update at each prune (needs an inverse Fisher): the surviving weights move,
+            and so do parameters the inverse couples to them (a layer's bias in FishLeg's Kronecker forms).
+        min_layer_density: layer-collapse guard (Tanaka et al. 2020) for unstructured ``scope="global"``:
+            every layer keeps at least ``max(1, ceil(d·numel))`` of its highest-scoring weights while the
+            total pruned stays ``round(s·total)``; ``0`` disables it. Not used with ``scope="layer"`` or
+            N:M. Floors the target cannot leave room for are a ``ValueError`` at :meth:`prepare`.
     """
 
     def __init__(
@@ -93,7 +107,9 @@ class Pruner:
         keep_last_dense: bool = True,
         seed: int = 0,
         compensate: bool = False,
+        min_layer_density: float = 0.01,
     ) -> None:
+        self.min_layer_density = validate_min_layer_density(min_layer_density)
         if criterion not in CRITERIA:
             raise ValueError(f"criterion={criterion!r}: must be one of {CRITERIA}")
         if scope not in SCOPES:
@@ -147,6 +163,9 @@ class Pruner:
         self.compensate = compensate
         self.position = SchedulePosition()
         self.parameters: dict[str, nn.Parameter] = {}
+        # parameters OBS may move but never prunes (biases coupled by the inverse Fisher); set by prepare()
+        self.coupled: dict[str, nn.Parameter] = {}
+        self.moved_coupled: list[str] = []  # the coupled parameters the last compensation moved
         self._masks: dict[str, Tensor] = {}
         self._pruned: dict[str, Tensor] = {}
         self.skipped: list[str] = []
@@ -168,6 +187,11 @@ class Pruner:
         self._pruned = {name: ~m for name, m in masks.items() if not bool(m.all())}
 
     # ------------------------------------------------------------------ setup
+    @property
+    def guards_layers(self) -> bool:
+        """Whether the layer-collapse guard acts: unstructured, ``scope="global"``, ``min_layer_density > 0``."""
+        return not self.pattern.is_nm and self.scope == "global" and self.min_layer_density > 0.0
+
     @property
     def prepared(self) -> bool:
         return bool(self.parameters)
@@ -192,7 +216,14 @@ class Pruner:
             params = {name: p for name, p in params.items() if name not in self.skipped}
             if not params:
                 raise ValueError(f"pattern={str(self.pattern)!r}: no selected layer can hold it; all stay dense")
+        if self.guards_layers:
+            check_layer_floors({n: p.numel() for n, p in params.items()}, self.target_sparsity, self.min_layer_density)
         self.parameters = params
+        # OBS moves these too where the inverse Fisher couples them to the pruned weights (biases); never masked
+        pruned_ids = {id(p) for p in params.values()}
+        self.coupled = {
+            clean_fqn(name): p for name, p in model.named_parameters() if id(p) not in pruned_ids
+        }
         self.masks = {name: torch.ones_like(p, dtype=torch.bool) for name, p in params.items()}
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
@@ -280,13 +311,18 @@ class Pruner:
                 assert self.pattern.n is not None and self.pattern.m is not None
                 new = nm_masks(scores, self.masks, self.pattern.n, self.pattern.m, level, self.scope)
             else:
-                new = unstructured_masks(scores, self.masks, level, self.scope)
+                new = unstructured_masks(
+                    scores, self.masks, level, self.scope, min_layer_density=self.min_layer_density
+                )
             if sync is not None:
                 new = load_masks(self.parameters, sync(masks_state_dict(new)))
             if self.compensate:
                 if inverse_diag is None or inverse_product is None:
                     raise ValueError("compensate=True: step() needs inverse_diag and inverse_product")
-                obs_compensate_(self.parameters, {n: ~m for n, m in new.items()}, inverse_diag, inverse_product)
+                pruned_now = {n: ~m for n, m in new.items()}
+                self.moved_coupled = obs_compensate_(
+                    self.parameters, pruned_now, inverse_diag, inverse_product, self.coupled
+                )
             self.masks = new
         self.apply_()
         self.position.advance(due)

@@ -243,6 +243,24 @@ class RankDependentFisher(FisherEstimator):
         return {n: torch.rand(p.shape, generator=generator) for n, p in context.parameters.items()}
 
 
+class RankDependentInverse(RankDependentFisher):
+    """An inverse Fisher that differs on every rank and couples each layer's bias to its weight: OBS
+    moves the biases differently on each rank unless the callback re-syncs what compensation moved."""
+
+    supports_inverse = True
+
+    def inverse_diagonal(self, context: FisherContext) -> dict[str, Tensor]:
+        return {n: d + 1.0 for n, d in self.diagonal(context).items()}
+
+    def inverse_product(self, context: FisherContext, vectors: dict[str, Tensor]) -> dict[str, Tensor]:
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        out = {n: 0.1 * (1 + rank) * v for n, v in vectors.items()}
+        for name, v in vectors.items():
+            bias = name.removesuffix("weight") + "bias"
+            out[bias] = torch.full((v.shape[0],), 0.01 * (1 + rank)) * v.flatten(1).sum(1)
+        return out
+
+
 class SaveMasks(Callback):
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -268,10 +286,11 @@ def test_ddp_ranks_hold_identical_masks_and_weights(tmp_path, make_module, digit
         nn.Conv2d(8, 16, 3, padding=1, stride=2), nn.ReLU(), nn.Flatten(),
         nn.Linear(256, 32), nn.ReLU(), nn.Linear(32, 10),
     )
-    # each rank's own Fisher differs: the convs' estimate is not all-reduced (rank 0's masks are broadcast),
-    # fc1's is all-reduced (averaged) before scoring
+    # each rank's own Fisher differs: the convs' estimate is not all-reduced (rank 0's masks are broadcast,
+    # and with OBS compensation rank 0's weights and the biases it moved), fc1's is all-reduced (averaged)
     broadcast_only = FisherPruning(
-        target_sparsity=0.6, estimator=RankDependentFisher(False), include=["net.2", "net.4"], start_epoch=1, end_epoch=2
+        target_sparsity=0.6, estimator=RankDependentInverse(False), compensate=True, include=["net.2", "net.4"],
+        start_epoch=1, end_epoch=2,
     )
     reduced = FisherPruning(
         target_sparsity=0.7, estimator=RankDependentFisher(True), include=["net.7"], start_epoch=1, end_epoch=2
@@ -585,3 +604,50 @@ def test_schedule_longer_than_training_warns(make_trainer, digits, make_module):
     pruning = FisherPruning(target_sparsity=0.5, criterion="magnitude", start_epoch=0, end_epoch=3)
     with pytest.warns(UserWarning, match="the last prune is at epoch 3 but training stops at max_epochs=3"):
         make_trainer([pruning], max_epochs=3, limit_train_batches=1, limit_val_batches=0).fit(make_module(), digits)
+
+
+# ---------------------------------------------------------------- layer-collapse guard (min_layer_density)
+
+
+@pytest.mark.parametrize(("density", "fc1_kept"), [(0.01, 82), (0.0, 0)])  # ceil(0.01·8192) = 82
+def test_global_guard_keeps_a_layer_that_one_threshold_would_empty(make_trainer, digits, make_module, caplog, density, fc1_kept):
+    module = make_module()
+    with torch.no_grad():
+        module.net.fc1.weight.mul_(1e-3)  # fc1 holds the 8192 lowest magnitudes of the 9920 pruned weights
+    initial = module.net.fc1.weight.detach().abs().clone()
+    pruning = FisherPruning(
+        target_sparsity=0.9, criterion="magnitude", schedule="one_shot", start_epoch=0, min_layer_density=density
+    )
+    with caplog.at_level(logging.INFO, logger="lightning_fisher.pruning.patterns"):
+        make_trainer([pruning], max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(module, digits)
+    kept = pruning.masks["net.fc1.weight"]
+    assert int(kept.sum()) == fc1_kept
+    assert sum(int((~m).sum()) for m in pruning.masks.values()) == round(0.9 * 9920)
+    held = [r.getMessage() for r in caplog.records if "held at their min_layer_density" in r.getMessage()]
+    if density:
+        assert initial[kept].min() > initial[~kept].max()  # the floor is fc1's top magnitudes at the prune
+        assert held == [
+            "global pruning to sparsity=0.9: layers held at their min_layer_density=0.01 floor (kept/numel): "
+            "net.fc1.weight (82/8192)"
+        ]
+    else:
+        assert held == []
+
+
+def test_unreachable_layer_floors_fail_before_any_training(make_trainer, digits, make_module):
+    counter = StepCounter()
+    # floors ceil(0.2·576) + ceil(0.2·1152) + ceil(0.2·8192) = 116 + 231 + 1639 = 1986 > 9920 − 8928 = 992
+    pruning = FisherPruning(target_sparsity=0.9, criterion="magnitude", end_epoch=2, min_layer_density=0.2)
+    with pytest.raises(ValueError, match=r"min_layer_density=0.2: the per-layer floors keep 1986 of 9920 weights"):
+        make_trainer([pruning, counter], max_epochs=1).fit(make_module(), digits)
+    assert counter.batches == 0
+    # per layer the guard does not apply: the same density is fine
+    layer = FisherPruning(target_sparsity=0.9, criterion="magnitude", scope="layer", end_epoch=1, min_layer_density=0.2)
+    make_trainer([layer], max_epochs=2, limit_train_batches=1, limit_val_batches=0).fit(make_module(), digits)
+    assert layer.sparsity == pytest.approx(0.9, abs=1e-3)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, 3, "0.01", None, True])
+def test_bad_min_layer_density_fails_at_construction(value):
+    with pytest.raises(ValueError, match=re.escape(f"min_layer_density={value!r}: must be a float in [0, 1)")):
+        FisherPruning(target_sparsity=0.5, end_epoch=2, min_layer_density=value)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import warnings
-from collections.abc import Iterator
+from functools import partial
 
 import pytest
 import torch
@@ -24,12 +24,7 @@ from lightning_fisher.pruning.surgeon import obs_compensate_
 N, D, C = 512, 4, 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _logistic() -> tuple[nn.Module, Tensor]:
@@ -131,17 +126,80 @@ def test_diagonal_is_the_fisher_implied_by_q_floored_at_zero():
     assert (fisher["0.weight"] >= 0).all()
 
 
-def test_inverse_product_is_q_on_the_weight_block():
+def test_inverse_product_is_q_on_the_weight_block_and_adds_the_coupled_bias():
     model, x = _logistic()
     estimator = FishLegFisher(damping=0.1, update_every=None, init="gradients")
     context = _context(model, x)
     estimator.pretrain(context, 20)
     v = torch.randn(C, D)
-    q = estimator.forms[0].materialise().detach()
-    expected = (q[:, : C * D] @ v.flatten())[: C * D].reshape(C, D)
-    torch.testing.assert_close(estimator.inverse_product(context, {"0.weight": v})["0.weight"], expected)
+    q = estimator.forms[0].materialise().detach()  # ordered as [W.flatten(), b]
+    full = q[:, : C * D] @ v.flatten()  # Q·[v, 0]
+    product = estimator.inverse_product(context, {"0.weight": v})
+    assert set(product) == {"0.weight", "0.bias"}  # the bias was not given, but Q couples it
+    torch.testing.assert_close(product["0.weight"], full[: C * D].reshape(C, D))
+    torch.testing.assert_close(product["0.bias"], full[C * D :])
+    assert product["0.bias"].abs().max() > 0.1  # a learned Q couples them (measured 3.1; weight block 14)
     with pytest.raises(KeyError, match="unknown parameters"):
         estimator.inverse_product(context, {"0.bias": torch.zeros(C)})
+
+
+class _ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.bn = nn.BatchNorm2d(3)
+        self.nobias = nn.Conv2d(3, 2, 1, bias=False)
+        self.fc = nn.Linear(2 * 4 * 4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.nobias(torch.relu(self.bn(self.conv(x)))).flatten(1))
+
+
+@pytest.mark.parametrize(("conv_form", "extra"), [("two_factor", {"conv.bias"}), ("three_factor", set())])
+def test_coupled_blocks_only_where_the_form_couples(conv_form, extra):
+    torch.manual_seed(0)
+    model = _ConvNet()
+    names = ["conv.weight", "bn.weight", "nobias.weight", "fc.weight"]
+    params = dict(model.named_parameters())
+    context = FisherContext(model, {n: params[n] for n in names})
+    estimator = FishLegFisher(damping=0.1, conv_form=conv_form, update_every=None, init="identity")
+    estimator.build(context)
+    with torch.no_grad():  # factors away from the identity, so every Kronecker block couples
+        for form in estimator.forms:
+            for factor in (getattr(form, a) for a in ("left", "right", "right_in", "right_k") if hasattr(form, a)):
+                factor.add_(0.2 * torch.randn_like(factor))
+    vectors = {n: torch.randn(params[n].shape) for n in names}
+    product = estimator.inverse_product(context, vectors)
+    # the Linear's bias always; the conv bias only in the two-factor form (three-factor: a diagonal bias);
+    # BatchNorm's diagonal form and the bias-less conv add nothing
+    assert set(product) == set(names) | {"fc.bias"} | extra
+    q = estimator._where["fc.weight"][0].materialise().detach()
+    n = params["fc.weight"].numel()
+    torch.testing.assert_close(product["fc.bias"], (q[:, :n] @ vectors["fc.weight"].flatten())[n:])
+    # a subset of the given names: only the coupled blocks of the layers it touches
+    assert set(estimator.inverse_product(context, {"nobias.weight": vectors["nobias.weight"]})) == {"nobias.weight"}
+
+
+def test_coupled_names_drop_the_compile_segment():
+    torch.manual_seed(0)
+    outer = nn.Module()
+    outer.net = torch.compile(nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, C)))
+    assert "net._orig_mod.0.bias" in dict(outer.named_parameters())
+    pruner = Pruner(0.5, criterion="fisher", schedule="one_shot", compensate=True, keep_first_dense=False)
+    pruner.prepare(outer)
+    assert list(pruner.parameters) == ["net.0.weight"]
+    assert set(pruner.coupled) == {"net.0.bias", "net.2.weight", "net.2.bias"}
+    context = FisherContext(outer, dict(pruner.parameters))
+    estimator = FishLegFisher(damping=0.1, update_every=None, init="identity")
+    inverse = estimator.inverse_diagonal(context)  # no forward pass: the compiled module is never run
+    (form,) = estimator.forms
+    with torch.no_grad():
+        form.right.add_(0.2 * torch.randn_like(form.right))
+    v = torch.randn(8, D)
+    assert set(estimator.inverse_product(context, {"net.0.weight": v})) == {"net.0.weight", "net.0.bias"}
+    bias = outer.net._orig_mod[0].bias.detach().clone()
+    pruner.step(0, inverse_diag=inverse, inverse_product=partial(estimator.inverse_product, context))
+    assert not torch.equal(outer.net._orig_mod[0].bias.detach(), bias)  # moved through the cleaned name
 
 
 # ------------------------------------------------------------------------ initialisation
@@ -184,43 +242,71 @@ def test_other_layer_types_fall_back_to_diagonal_with_one_warning():
 # ------------------------------------------------------------------------ pruning
 
 
-def _trained_mlp() -> tuple[nn.Module, Tensor, Tensor]:
-    torch.manual_seed(0)
-    x = torch.randn(256, 8)
-    y = (x[:, :3] @ torch.randn(3, 3)).argmax(1)
-    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(300):
-        optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
-    return model, x, y
-
-
-def test_obs_compensation_loses_less_than_plain_zeroing():
-    model, x, y = _trained_mlp()
+def test_obs_compensation_loses_less_than_plain_zeroing(trained_mlp):
+    model, x, y = trained_mlp()
     params = {"0.weight": model[0].weight}
     context = FisherContext(model, params, batches=lambda: [(x[i : i + 64], y[i : i + 64]) for i in range(0, 256, 64)])
     estimator = FishLegFisher(damping=1e-2, lr=3e-3, update_every=None, init="gradients", pretrain_steps=200)
     inverse = estimator.inverse_diagonal(context)
     scores = score_obs(model[0].weight, inverse["0.weight"])
     pruned = {"0.weight": scores <= scores.flatten().kthvalue(48).values}  # 48 of 128 weights
-    zeroed = copy.deepcopy(model)
-    obs_compensate_(params, pruned, inverse, lambda v: estimator.inverse_product(context, v))
+    zeroed, weights_only = copy.deepcopy(model), copy.deepcopy(model)
+
+    def product(v: dict[str, Tensor]) -> dict[str, Tensor]:
+        return estimator.inverse_product(context, v)
+
+    obs_compensate_(params, pruned, inverse, product, {"0.bias": model[0].bias})
+    given_only = lambda v: {k: b for k, b in product(v).items() if k in v}  # noqa: E731 - drops the bias block
+    obs_compensate_({"0.weight": weights_only[0].weight}, pruned, inverse, given_only)
     with torch.no_grad():
         dense_loss = float(F.cross_entropy(zeroed(x), y))
-        zeroed[0].weight[pruned["0.weight"]] = 0
-        model[0].weight[pruned["0.weight"]] = 0
+        for net in (zeroed, weights_only, model):
+            net[0].weight[pruned["0.weight"]] = 0
         zero_loss, obs_loss = float(F.cross_entropy(zeroed(x), y)), float(F.cross_entropy(model(x), y))
-    # measured: dense 0.0138, zeroed 0.0170, OBS-compensated 0.0159, i.e. 0.65 of the zeroing increase
-    # (0.62-0.84 over damping 1e-3..1e-1 and 48-100 pruned weights); asserted 0.85
+        weights_only_loss = float(F.cross_entropy(weights_only(x), y))
+    # measured: dense 0.0138, zeroed 0.0170, OBS-compensated 0.0159, i.e. 0.665 of the zeroing increase with
+    # the coupled bias moved (0.653 with the weights only); 0.43-0.90 over damping 1e-3..1e-1 and 32-64 pruned
+    # weights; asserted 0.85
     assert obs_loss - dense_loss < 0.85 * (zero_loss - dense_loss)
     # zeroing did cost something, so the comparison above means something
     assert zero_loss > dense_loss
+    # With this learned Kronecker Q the bias step neither helps nor hurts much: increase with bias / weights
+    # only measured 1.018 here, 0.96-1.04 over damping 1e-3..1e-1, 8-100 pruned weights, noisy labels and
+    # seeds 0-4 (either side of 1). With the exact damped inverse Fisher it helps (0.81-0.95: see
+    # tests/pruning/test_surgeon.py). Asserted: no more than 5% worse.
+    assert obs_loss - dense_loss < 1.05 * (weights_only_loss - dense_loss)
+    assert not torch.equal(model[0].bias, zeroed[0].bias)  # the bias did move
 
 
-def test_masked_refinement_never_updates_pruned_coordinates():
-    model, x, y = _trained_mlp()
+def test_pruner_moves_the_coupled_bias_and_never_masks_it(trained_mlp):
+    model, x, y = trained_mlp()
+    reference = copy.deepcopy(model)
+    pruner = Pruner(0.5, criterion="fisher", schedule="one_shot", compensate=True, keep_first_dense=False)
+    pruner.prepare(model)
+    assert list(pruner.parameters) == ["0.weight"]
+    assert set(pruner.coupled) == {"0.bias", "2.weight", "2.bias"}
+    context = _context(model, x, y)
+    context.parameters = dict(pruner.parameters)
+    estimator = FishLegFisher(damping=0.1, update_every=None, init="gradients", pretrain_steps=20)
+    inverse = estimator.inverse_diagonal(context)
+    product = partial(estimator.inverse_product, context)
+    mask = score_obs(model[0].weight, inverse["0.weight"]) > score_obs(model[0].weight, inverse["0.weight"]).median()
+    with torch.no_grad():
+        v = torch.where(~mask, model[0].weight / inverse["0.weight"], torch.zeros_like(model[0].weight))
+        expected = {n: b.clone() for n, b in product({"0.weight": v}).items()}
+    pruner.step(0, inverse_diag=inverse, inverse_product=product)
+    assert torch.equal(pruner.masks["0.weight"], mask)
+    torch.testing.assert_close(model[0].bias.detach(), reference[0].bias.detach() - expected["0.bias"])
+    torch.testing.assert_close(model[0].weight.detach()[mask], (reference[0].weight.detach() - expected["0.weight"])[mask])
+    assert (model[0].weight[~mask] == 0).all()
+    # the other layer's parameters are in no block of Q: untouched
+    assert torch.equal(model[2].weight, reference[2].weight) and torch.equal(model[2].bias, reference[2].bias)
+    pruner.apply_()  # masks the weights only: the moved bias stays
+    torch.testing.assert_close(model[0].bias.detach(), reference[0].bias.detach() - expected["0.bias"])
+
+
+def test_masked_refinement_never_updates_pruned_coordinates(trained_mlp):
+    model, x, y = trained_mlp()
     context = _context(model, x, y)
     estimator = FishLegFisher(damping=0.1, update_every=None, init="gradients")
     estimator.pretrain(context, 5)  # Adam's momentum of λ is non-zero everywhere now
@@ -234,8 +320,8 @@ def test_masked_refinement_never_updates_pruned_coordinates():
     assert (after[mask] != before[mask]).float().mean() > 0.9  # the survivors' entries did move
 
 
-def test_nm_with_fishleg_scores_keeps_the_top_n_of_every_group():
-    model, x, y = _trained_mlp()
+def test_nm_with_fishleg_scores_keeps_the_top_n_of_every_group(trained_mlp):
+    model, x, y = trained_mlp()
     pruner = Pruner(criterion="fisher", pattern="2:4", schedule="one_shot", compensate=True, keep_first_dense=False)
     pruner.prepare(model)
     assert list(pruner.parameters) == ["0.weight"]
@@ -275,8 +361,8 @@ def test_on_train_step_updates_every_k_steps_and_reports_metrics():
 # ------------------------------------------------------------------------ state
 
 
-def test_state_dict_round_trip_resumes_exactly():
-    model, x, y = _trained_mlp()
+def test_state_dict_round_trip_resumes_exactly(trained_mlp):
+    model, x, y = trained_mlp()
     a = FishLegFisher(damping=0.1, update_every=None, init="gradients")
     context = _context(model, x, y)
     a.pretrain(context, 4)

@@ -60,6 +60,29 @@ def test_qv_and_diagq_equal_the_materialised_q(cls, shapes):
 
 
 @pytest.mark.parametrize(("cls", "shapes"), CASES, ids=lambda v: getattr(v, "__name__", str(v)))
+def test_coupled_names_are_the_blocks_q_links_to_the_weight(cls, shapes):
+    # what OBS must move besides the given weight: exactly the parameters whose block of Q·[v, 0] can be
+    # non-zero (for a random form, a non-zero off-diagonal block of the materialised Q)
+    form = _random_form(cls, shapes)
+    q = form.materialise().detach()
+    n = torch.Size(shapes[0]).numel()
+    linked = [name for name, block in zip(form.names[1:], _split_rows(q[n:, :n], form.shapes[1:])) if block.abs().max() > 0]
+    assert form.coupled_names({"layer.p0"}) == linked
+    assert form.coupled_names({"other.weight"}) == []  # a form couples nothing to names it does not cover
+    assert form.coupled_names(form.names) == []  # everything given: nothing further to add
+    expected = ["layer.p1"] if cls is KroneckerForm and len(shapes) == 2 else []
+    assert linked == expected
+
+
+def _split_rows(matrix: Tensor, shapes: list[torch.Size]) -> list[Tensor]:
+    out, offset = [], 0
+    for shape in shapes:
+        out.append(matrix[offset : offset + shape.numel()])
+        offset += shape.numel()
+    return out
+
+
+@pytest.mark.parametrize(("cls", "shapes"), CASES, ids=lambda v: getattr(v, "__name__", str(v)))
 def test_init_diagonal_gives_exactly_that_diagonal(cls, shapes):
     form = _random_form(cls, shapes)
     target = [torch.rand(s, dtype=torch.float64) + 0.1 for s in shapes]

@@ -13,6 +13,7 @@ from lightning_fisher.callbacks import FisherPruning
 from lightning_fisher.fisher.base import FisherContext
 from lightning_fisher.fisher.kronecker import KroneckerFisher
 from lightning_fisher.optim import AdaFisher, AdaFisherW
+from lightning_fisher.pruning.pruner import Pruner
 
 
 def _trained(model: nn.Module, x: Tensor, y: Tensor, steps: int = 2, **kwargs) -> AdaFisher:
@@ -155,3 +156,29 @@ def test_fisher_pruning_with_the_kronecker_fisher_reaches_its_target(tmp_path, c
     assert set(pruning.masks) == {"net.2.weight", "net.6.weight"}  # the stem and the classifier stay dense
     assert pruning.sparsity == pytest.approx(0.5, abs=1e-3)
     assert float((module.net[6].weight == 0).float().mean()) > 0.3
+
+
+def test_obs_with_the_kronecker_inverse_moves_only_the_pruned_weights(small_net, small_data):
+    # F is diagonal, so its inverse couples nothing: no bias blocks, and OBS is OBD for the survivors
+    x, y = small_data
+    optimizer = _trained(small_net, x, y, steps=3, lr=1e-3)
+    pruner = Pruner(0.5, criterion="fisher", schedule="one_shot", compensate=True, keep_first_dense=False,
+                    keep_last_dense=False)
+    pruner.prepare(small_net)
+    assert set(pruner.parameters) == {"conv.weight", "fc.weight"}
+    assert {"conv.bias", "fc.bias", "bn.weight", "bn.bias"} <= set(pruner.coupled)
+    estimator = KroneckerFisher(damping=1e-3)
+    context = FisherContext(small_net, dict(pruner.parameters), optimizer)
+    vectors = {n: torch.randn(p.shape) for n, p in pruner.parameters.items()}
+    assert set(estimator.inverse_product(context, vectors)) == {"conv.weight", "fc.weight"}
+    before = {n: p.detach().clone() for n, p in small_net.named_parameters()}
+    pruner.step(0, inverse_diag=estimator.inverse_diagonal(context),
+                inverse_product=lambda v: estimator.inverse_product(context, v))
+    for name, param in small_net.named_parameters():
+        if name in pruner.masks:
+            mask = pruner.masks[name]
+            assert (~mask).any() and (param[~mask] == 0).all()
+            # θ − Q_jj·0 for the survivors: they do not move at all
+            assert torch.equal(param.detach()[mask], before[name][mask]), name
+        else:
+            assert torch.equal(param.detach(), before[name]), name

@@ -1,8 +1,13 @@
+import logging
+import re
+
 import pytest
 import torch
 
 from lightning_fisher.pruning.patterns import (
     Pattern,
+    check_layer_floors,
+    layer_floor,
     lowest_k,
     nm_eligible,
     nm_groups_held,
@@ -11,6 +16,7 @@ from lightning_fisher.pruning.patterns import (
     parse_pattern,
     to_reduction_layout,
     unstructured_masks,
+    validate_min_layer_density,
 )
 
 
@@ -96,7 +102,8 @@ def test_unstructured_global_scope_exact_total_and_one_threshold():
     torch.manual_seed(0)
     scores = {"a": torch.rand(50) * 10, "b": torch.rand(30)}
     masks = {k: torch.ones_like(v, dtype=torch.bool) for k, v in scores.items()}
-    new = unstructured_masks(scores, masks, 0.5, "global")
+    # guard off: one threshold empties layer b here (the layer-collapse guard is tested below)
+    new = unstructured_masks(scores, masks, 0.5, "global", min_layer_density=0)
     assert sum(int((~m).sum()) for m in new.values()) == 40
     pruned = torch.cat([scores[k][~new[k]] for k in scores])
     kept = torch.cat([scores[k][new[k]] for k in scores])
@@ -140,3 +147,145 @@ def test_nm_masks_global_ranks_groups_across_layers():
     per_layer = nm_masks(scores, masks, 2, 4, 0.5, "layer")
     assert per_layer["a"].tolist() == [[True, True, False, False], [True] * 4]
     assert per_layer["b"].tolist() == new["b"].tolist()
+
+
+# ---------------------------------------------------------------- layer-collapse guard (min_layer_density)
+
+
+def _collapsing_scores() -> dict[str, torch.Tensor]:
+    """Layer b (150 weights) holds all the lowest scores, in shuffled order; a (200) all the highest."""
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "a": (1000.0 + torch.randperm(200, generator=generator).float()).reshape(20, 10),
+        "b": torch.randperm(150, generator=generator).float().reshape(10, 15),
+    }
+
+
+def _all_kept(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: torch.ones_like(v, dtype=torch.bool) for k, v in scores.items()}
+
+
+def _old_global(scores: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
+    """Reference of the unguarded global scope: a stable sort of (score, position), pruned ones first."""
+    names = list(scores)
+    flat = torch.cat([torch.where(masks[n], scores[n].float(), float("-inf")).flatten() for n in names])
+    already = sum(int((~masks[n]).sum()) for n in names)
+    k = max(round(sparsity * flat.numel()), already)
+    pruned = torch.zeros(flat.numel(), dtype=torch.bool)
+    pruned[torch.sort(flat, stable=True).indices[:k]] = True
+    out, offset = {}, 0
+    for n in names:
+        out[n] = ~pruned[offset : offset + scores[n].numel()].reshape(scores[n].shape) & masks[n]
+        offset += scores[n].numel()
+    return out
+
+
+@pytest.mark.parametrize(("density", "floor_b"), [(0.01, 2), (0.05, 8), (0.1, 15)])  # ceil(d·150)
+def test_guard_keeps_the_top_scoring_floor_of_a_collapsing_layer(density, floor_b):
+    scores = _collapsing_scores()
+    masks = _all_kept(scores)
+    # without the guard one threshold removes all of b (175 to prune, b has the 150 lowest scores)
+    assert not unstructured_masks(scores, masks, 0.5, "global", min_layer_density=0)["b"].any()
+    new = unstructured_masks(scores, masks, 0.5, "global", min_layer_density=density)
+    assert int(new["b"].sum()) == floor_b
+    assert sorted(scores["b"][new["b"]].tolist()) == list(range(150 - floor_b, 150))  # b's highest scores
+    assert sum(int((~m).sum()) for m in new.values()) == round(0.5 * 350)
+    # the threshold over the rest is still global: a loses its lowest 175 − (150 − floor_b)
+    assert sorted(scores["a"][~new["a"]].tolist()) == [1000.0 + i for i in range(175 - 150 + floor_b)]
+
+
+def test_guard_floor_rounds_up_and_is_at_least_one():
+    assert [layer_floor(n, d) for n, d in [(100, 0.07), (147456, 0.01), (10, 0.01), (200, 0.05), (10, 0.0)]] == [
+        7,  # 0.07 * 100 = 7.000000000000001 in floats: the noise does not add a weight
+        1475,  # ceil(1474.56)
+        1,
+        10,
+        0,
+    ]
+
+
+def test_guard_zero_reproduces_the_unguarded_masks_bit_exactly():
+    torch.manual_seed(1)
+    # integer scores: many ties, so the position tie-break matters; one layer partly pruned already
+    scores = {"a": torch.randint(0, 5, (13, 7)).float(), "b": torch.randint(0, 3, (40,)).float(), "c": torch.randint(0, 9, (3, 3, 4)).float()}
+    masks = _all_kept(scores)
+    masks["b"] = torch.rand(40) > 0.3
+    for sparsity in (0.3, 0.7, 0.95):
+        reference = _old_global(scores, masks, sparsity)
+        guard_off = unstructured_masks(scores, masks, sparsity, "global", min_layer_density=0.0)
+        assert all(torch.equal(guard_off[n], reference[n]) for n in scores), sparsity
+    # where no layer falls below its floor the default guard changes nothing either (survivors of a, b, c:
+    # 67/22/28 at 0.3, 47/11/25 at 0.5); at 0.7 the unguarded masks empty b (26/0/24), the guard keeps 1
+    for sparsity in (0.3, 0.5):
+        reference = _old_global(scores, masks, sparsity)
+        assert all(int(reference[n].sum()) >= layer_floor(scores[n].numel(), 0.01) for n in scores)
+        default = unstructured_masks(scores, masks, sparsity, "global")
+        assert all(torch.equal(default[n], reference[n]) for n in scores), sparsity
+    assert int(_old_global(scores, masks, 0.7)["b"].sum()) == 0
+    assert int(unstructured_masks(scores, masks, 0.7, "global")["b"].sum()) == 1
+
+
+def test_guard_and_the_old_masks_coincide_on_the_collapsing_case_only_with_guard_off():
+    scores = _collapsing_scores()
+    masks = _all_kept(scores)
+    reference = _old_global(scores, masks, 0.5)
+    off = unstructured_masks(scores, masks, 0.5, "global", min_layer_density=0)
+    on = unstructured_masks(scores, masks, 0.5, "global")
+    assert all(torch.equal(off[n], reference[n]) for n in scores)
+    assert not torch.equal(on["b"], reference["b"])
+
+
+def test_guard_is_monotone_and_keeps_a_layer_already_below_its_floor():
+    scores = _collapsing_scores()
+    first = unstructured_masks(scores, _all_kept(scores), 0.3, "global", min_layer_density=0.05)
+    second = unstructured_masks(scores, first, 0.5, "global", min_layer_density=0.05)
+    for name in scores:
+        assert not (second[name] & ~first[name]).any()  # nothing un-pruned
+    assert int(second["b"].sum()) == 8 and sum(int((~m).sum()) for m in second.values()) == 175
+    # b was emptied down to 3 survivors by an unguarded prune: it keeps those 3, it is not refilled to 8
+    below = unstructured_masks(scores, _all_kept(scores), 147 / 350, "global", min_layer_density=0)
+    assert int(below["b"].sum()) == 3
+    third = unstructured_masks(scores, below, 0.5, "global", min_layer_density=0.05)
+    assert torch.equal(third["b"], below["b"])
+    assert not (third["a"] & ~below["a"]).any()
+    assert sum(int((~m).sum()) for m in third.values()) == 175
+
+
+def test_guard_infeasible_floors_are_an_error():
+    scores = _collapsing_scores()
+    # floors 100 + 75 = 175 > 350 − round(0.6·350) = 140
+    with pytest.raises(ValueError, match=r"min_layer_density=0.5: the per-layer floors keep 175 of 350 weights.*prunes 210 and leaves only 140"):
+        unstructured_masks(scores, _all_kept(scores), 0.6, "global", min_layer_density=0.5)
+    with pytest.raises(ValueError, match=r"min_layer_density=0.5: the per-layer floors keep 175 of 350 weights"):
+        check_layer_floors({"a": 200, "b": 150}, 0.6, 0.5)
+    check_layer_floors({"a": 200, "b": 150}, 0.5, 0.5)  # exactly reachable: 175 kept, 175 pruned
+    assert sum(int((~m).sum()) for m in unstructured_masks(scores, _all_kept(scores), 0.5, "global", min_layer_density=0.5).values()) == 175
+
+
+def test_guard_does_not_apply_to_layer_scope():
+    scores = _collapsing_scores()
+    masks = _all_kept(scores)
+    guarded = unstructured_masks(scores, masks, 0.9, "layer", min_layer_density=0.5)  # would be infeasible globally
+    plain = unstructured_masks(scores, masks, 0.9, "layer", min_layer_density=0)
+    assert all(torch.equal(guarded[n], plain[n]) for n in scores)
+
+
+def test_guard_logs_the_layers_held_at_their_floor(caplog):
+    scores = _collapsing_scores()
+    with caplog.at_level(logging.INFO, logger="lightning_fisher.pruning.patterns"):
+        unstructured_masks(scores, _all_kept(scores), 0.3, "global", min_layer_density=0.05)  # nothing held
+        assert not caplog.records
+        unstructured_masks(scores, _all_kept(scores), 0.5, "global", min_layer_density=0.05)
+    (record,) = caplog.records
+    assert record.getMessage() == (
+        "global pruning to sparsity=0.5: layers held at their min_layer_density=0.05 floor (kept/numel): b (8/150)"
+    )
+
+
+@pytest.mark.parametrize("value", [-0.01, 1.0, 1.5, float("nan"), "0.1", True, None])
+def test_guard_rejects_bad_densities(value):
+    with pytest.raises(ValueError, match=re.escape(f"min_layer_density={value!r}: must be a float in [0, 1)")):
+        validate_min_layer_density(value)
+    scores = _collapsing_scores()
+    with pytest.raises(ValueError, match=re.escape(f"min_layer_density={value!r}:")):
+        unstructured_masks(scores, _all_kept(scores), 0.5, "global", min_layer_density=value)

@@ -259,3 +259,49 @@ def test_fisher_criterion_needs_a_complete_finite_estimate():
 def test_step_before_prepare_is_an_error():
     with pytest.raises(RuntimeError, match=r"prepare\(model\) must be called first"):
         Pruner(0.5, end=3).step(0)
+
+
+# ---------------------------------------------------------------- layer-collapse guard
+
+
+def _fc1_collapsing_net() -> Net:
+    net = _net()
+    with torch.no_grad():
+        net.fc1.weight.mul_(1e-3)  # fc1 (192 weights) now holds the 192 lowest magnitudes
+    return net
+
+
+@pytest.mark.parametrize(("density", "fc1_kept"), [(0.0, 0), (0.01, 2), (0.1, 20)])  # ceil(d·192)
+def test_global_pruner_keeps_each_layer_at_its_floor(density, fc1_kept):
+    net = _fc1_collapsing_net()
+    magnitudes = net.fc1.weight.detach().abs().clone()
+    pruner = Pruner(0.7, criterion="magnitude", schedule="one_shot", start=0, min_layer_density=density)
+    pruner.prepare(net)
+    pruner.step(0)
+    total = sum(p.numel() for p in pruner.parameters.values())
+    assert total == 1056 and sum(_pruned_counts(pruner).values()) == round(0.7 * total)
+    kept = pruner.masks["fc1.weight"]
+    assert int(kept.sum()) == fc1_kept
+    if fc1_kept:
+        assert magnitudes[kept].min() > magnitudes[~kept].max()  # its top-magnitude weights
+    assert (net.fc1.weight[~kept] == 0).all()
+
+
+@pytest.mark.filterwarnings("ignore:pattern=.2.4.. these layers stay dense")
+def test_global_pruner_rejects_unreachable_floors_at_prepare():
+    # c1, c2: 432 weights each, fc1: 192; floors at 0.4: 173 + 173 + 77 = 423 > 1056 − round(0.7·1056) = 317
+    pruner = Pruner(0.7, criterion="magnitude", schedule="one_shot", start=0, min_layer_density=0.4)
+    with pytest.raises(ValueError, match=r"min_layer_density=0.4: the per-layer floors keep 423 of 1056 weights \(3 layers\), but sparsity=0.7 prunes 739 and leaves only 317"):
+        pruner.prepare(_net())
+    # the guard does not apply per layer or to N:M, so the same density is no error there
+    for kwargs in (dict(target_sparsity=0.7, scope="layer"), dict(pattern="2:4")):
+        other = Pruner(**kwargs, criterion="magnitude", schedule="one_shot", start=0, min_layer_density=0.4)
+        other.prepare(_net())
+        other.step(0)
+        assert not other.guards_layers
+
+
+@pytest.mark.parametrize("value", [-0.5, 1.0, 2, "0.01", True])
+def test_pruner_rejects_bad_min_layer_density(value):
+    with pytest.raises(ValueError, match=r"min_layer_density=.*: must be a float in \[0, 1\)"):
+        Pruner(0.5, end=3, min_layer_density=value)

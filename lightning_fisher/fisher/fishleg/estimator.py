@@ -85,8 +85,10 @@ class FishLegFisher(FisherEstimator):
     Which layers: every layer owning a parameter in ``context.parameters`` (the pruned weights) gets a
     block covering its weight and bias: Linear → two Kronecker factors over out × (in + 1); Conv2d →
     ``conv_form``; BatchNorm/LayerNorm/GroupNorm → diagonal. Parameters of any other layer type fall back
-    to a diagonal form, with one warning listing the layers. The bias is in Q (it shapes the weight
-    block) but only the pruned parameters are compensated (the pruner moves only those).
+    to a diagonal form, with one warning listing the layers. The bias is in Q, and where the form couples
+    it to the weight (Linear, two-factor Conv2d: one Kronecker block over [W | b]) :meth:`inverse_product`
+    also returns its block, so OBS compensation moves the bias with the surviving weights
+    (δb = −[Q e_q]_bias θ_q/Q_qq for a single pruned weight q). Biases are never pruned, only moved.
 
     E[g²] for Q₀ (``init="auto"``): the Squisher's B·v̂ from the training optimizer's ``exp_avg_sq``
     when it is Adam-family and has state, else B·ḡ² at sampled labels averaged over ``init_batches``
@@ -99,7 +101,9 @@ class FishLegFisher(FisherEstimator):
     first score is asked for (the first prune). Randomness: update k (counting from 0) draws its probes
     and labels from a generator seeded with ``seed`` and k, and k is in :meth:`state_dict`, so a
     resumed run repeats the uninterrupted one. Under data parallelism the λ gradients are averaged over
-    the ranks (``torch.distributed``), so Q stays identical on every rank.
+    the ranks (``torch.distributed``), probes and labels use the same seeds everywhere, and Q₀ comes from
+    the (rank-identical) optimizer state or all-reduced gradients, so Q stays identical on every rank;
+    so does an OBS step, bias blocks included, as it reads only Q, the synced masks and the weights.
 
     Memory (:meth:`num_parameters`; ResNet18 width 64, a block for every Conv2d/Linear): two-factor
     convs 105.2M λ entries (94.0M in the factors), three-factor 14.4M (3.2M in the factors); both hold
@@ -235,7 +239,14 @@ class FishLegFisher(FisherEstimator):
 
     @torch.no_grad()
     def inverse_product(self, context: FisherContext, vectors: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Q·v for the given parameters (the other parameters of their blocks taken as zero)."""
+        """Q·v for the given parameters (the other parameters of their blocks taken as zero).
+
+        Besides a block for every key of ``vectors``, the result holds a block for each parameter the
+        forms couple to them (:meth:`LayerForm.coupled_names`): the bias of a Linear layer, or of a
+        Conv2d with ``conv_form="two_factor"``, when its weight is given. Those keys are the model's
+        parameter FQNs without ``_orig_mod`` segments (as the pruner names them); OBS moves them too.
+        The three-factor conv form and the diagonal forms couple nothing, so nothing is added for them.
+        """
         unknown = sorted(set(vectors) - set(context.parameters))
         if unknown:
             raise KeyError(f"FishLegFisher.inverse_product: vectors for unknown parameters {unknown}")
@@ -246,7 +257,10 @@ class FishLegFisher(FisherEstimator):
                 raise ValueError(f"{name}: vector shape {tuple(vector.shape)} != parameter shape {tuple(context.parameters[name].shape)}")
             full[name] = vector.float()
         product = self._q(full, only=set(vectors))
-        return {name: product[name] for name in vectors}
+        out = {name: product[name] for name in vectors}
+        for form in self.forms:
+            out.update((name, product[name]) for name in form.coupled_names(vectors))
+        return out
 
     def on_train_step(self, context: FisherContext, step: int) -> dict[str, float]:
         """One auxiliary update on the context's (current) batch every ``update_every`` steps."""

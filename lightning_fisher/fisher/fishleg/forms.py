@@ -15,6 +15,9 @@ Forms (Garcia et al., ICLR 2023, "Fisher-Legendre (FishLeg) optimization of deep
   tensor) gets its own diagonal D_b².
 - :class:`DiagonalForm` (BatchNorm, LayerNorm, and the fallback for any other layer): Q = diag(d²).
 
+Only the Kronecker form couples a layer's weight and bias (:meth:`LayerForm.coupled_names`): there Q·v
+for a v that is zero on the bias still has a bias block, which OBS compensation applies to the bias.
+
 diag(Q) has a closed form: D² times the Kronecker product of the factors' diagonals, each the squared
 row sums of L (diag LLᵀ) or squared column sums of R (diag RᵀR). Initialising the factors at the
 identity and D at √q gives Q = diag(q) exactly (FishLeg Surgeon's Q₀ = diag(1/(E[g²] + γ))).
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -68,6 +71,14 @@ class LayerForm(nn.Module, abc.ABC):
 
     def _reset_factors_(self) -> None:  # noqa: B027 - forms without factors have nothing to reset
         """Set every Kronecker factor to the identity."""
+
+    def coupled_names(self, given: Collection[str]) -> list[str]:
+        """Covered parameters outside ``given`` whose block of Q·v can be non-zero when v is zero on them.
+
+        These are the parameters an OBS step on ``given`` also moves. None by default: the form's
+        blocks are independent (diagonal forms; the three-factor conv's diagonal bias).
+        """
+        return []
 
     def num_parameters(self) -> int:
         """Entries of λ (the memory Q costs, before the optimizer state of λ)."""
@@ -117,6 +128,12 @@ class KroneckerForm(LayerForm):
     def _reset_factors_(self) -> None:
         self.left.copy_(torch.eye(self.out))
         self.right.copy_(torch.eye(self.cols))
+
+    def coupled_names(self, given: Collection[str]) -> list[str]:
+        """The bias when only the weight is given (and vice versa): [W | b] share one Kronecker block."""
+        if not any(name in given for name in self.names):
+            return []
+        return [name for name in self.names if name not in given]
 
     def _to_matrix(self, vectors: Sequence[Tensor]) -> Tensor:
         columns = [vectors[0].reshape(self.out, self.fan_in)]
