@@ -38,8 +38,9 @@ The stem conv and the classifier stay dense for every method. Methods:
 * ``empirical``: ``FisherPruning(criterion="fisher", estimator=EmpiricalFisher(num_samples=...),
   scope="global")`` (per-sample squared gradients at prune time);
 * ``kronecker``: ``FisherPruning(criterion="fisher", estimator=KroneckerFisher(), scope="global")``,
-  the free Kronecker Fisher of AdaFisher. This one method trains with ``AdaFisherW`` (same lr and
-  weight decay) instead of AdamW, since its Fisher is that optimizer's state: its accuracy mixes the
+  the free Kronecker Fisher of AdaFisher. This one method trains with ``AdaFisherW`` (its own defaults,
+  or ``--adafisher-lr/--adafisher-damping/--adafisher-weight-decay``) instead of AdamW, since its
+  Fisher is that optimizer's state: its accuracy mixes the
   optimizer's effect with the criterion's, so compare it with the ``dense_adafisher`` row too (in
   ``oneshot`` a second dense model is trained with AdaFisherW, only when ``kronecker`` is asked for);
 * ``fishleg``: ``FisherPruning(criterion="fisher", estimator=FishLegFisher(pretrain_steps=
@@ -104,6 +105,7 @@ __all__ = [
     "Dense",
     "PruneInputs",
     "Run",
+    "adafisher_settings",
     "estimate",
     "evaluate",
     "fishleg_estimator",
@@ -156,6 +158,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=0.05)
+    parser.add_argument("--adafisher-lr", type=float, default=None,
+                        help="kronecker/dense_adafisher: AdaFisherW's lr (default: AdaFisherW's own)")
+    parser.add_argument("--adafisher-damping", type=float, default=None,
+                        help="kronecker/dense_adafisher: AdaFisherW's damping (default: AdaFisherW's own)")
+    parser.add_argument("--adafisher-weight-decay", type=float, default=None,
+                        help="kronecker/dense_adafisher: AdaFisherW's decoupled decay (default: AdaFisherW's own)")
     parser.add_argument("--accelerator", default="cpu", help="Lightning accelerator: cpu, gpu, auto")
     parser.add_argument("--precision", default="32-true",
                         help="Lightning precision of training, e.g. bf16-mixed on a GPU (oneshot estimates and tests in fp32)")
@@ -282,13 +290,19 @@ def _sparsity(model: nn.Module) -> float:
     return zeros / sum(w.numel() for w in weights)
 
 
+def adafisher_settings(args: argparse.Namespace) -> dict[str, float]:
+    """AdaFisherW's keyword arguments: the ``--adafisher-*`` options that were given."""
+    given = {"lr": args.adafisher_lr, "damping": args.adafisher_damping, "weight_decay": args.adafisher_weight_decay}
+    return {name: value for name, value in given.items() if value is not None}
+
+
 def _model(method: str, args: argparse.Namespace) -> ImageClassifier:
     L.seed_everything(args.seed, verbose=False)
     epochs = args.epochs
     net = ResNet18(num_classes=10, width=args.width)
     if method in ADAFISHER_METHODS:
         def optimizer(params):  # noqa: ANN001, ANN202 - ImageClassifier's factory
-            return AdaFisherW(params, model=net, lr=args.lr, weight_decay=args.weight_decay)
+            return AdaFisherW(params, model=net, **adafisher_settings(args))
     else:
         def optimizer(params):  # noqa: ANN001, ANN202
             return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -530,6 +544,11 @@ def _budget(args: argparse.Namespace, train_images: int, test_images: int, steps
                 f"(max_per_class={args.max_per_class or 'all'}), tested on {test_images}; "
                 f"{args.epochs} epochs x {steps} steps, batch {args.batch_size}, AdamW lr {args.lr:g} "
                 f"wd {args.weight_decay:g}, cosine")
+    if any(m in ADAFISHER_METHODS for m in args.methods):
+        optimizer = AdaFisherW(torch.nn.Linear(1, 1), **adafisher_settings(args))
+        group = optimizer.param_groups[0]
+        training += (f" (kronecker: AdaFisherW lr {group['lr']:g} damping {optimizer.damping:g} "
+                     f"wd {group['weight_decay']:g})")
     fishleg = [m for m in args.methods if m.startswith("fishleg")]
     if args.mode == "gradual":
         pruning = (f"mode gradual: every method trains from scratch, cubic pruning from epoch {args.prune_start} "

@@ -268,3 +268,15 @@ def test_main_gradual_fishleg(sweep: ModuleType, cifar_dir: Path, tmp_path: Path
     for method in ("fishleg", "fishleg_obs"):
         (row,) = [line for line in lines if line.startswith(f"| {method} |")]
         assert "n/a" not in row  # both ran to a test accuracy
+
+
+def test_main_gradual_kronecker_uses_adafisherw_settings(sweep: ModuleType, cifar_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "kronecker.md"
+    sweep.main(["--data-dir", str(cifar_dir), "--epochs", "2", "--sparsities", "0.9", "--patterns", "",
+                "--methods", "kronecker", "--adafisher-lr", "0.5", "--no-dense", "--output", str(out), *TINY])
+    text = out.read_text()
+    # the given lr, AdaFisherW's own damping and decay
+    assert "kronecker: AdaFisherW lr 0.5 damping 0.3 wd 5e-05" in text
+    (row,) = [line for line in text.splitlines() if line.startswith("| kronecker |")]
+    assert "n/a" not in row
+    assert sweep.adafisher_settings(sweep.parse_args(["--adafisher-damping", "0.1"])) == {"damping": 0.1}

@@ -69,7 +69,7 @@ class KroneckerFisher(FisherEstimator):
 
     Example::
 
-        optimizer = AdaFisher(model, lr=1e-3)
+        optimizer = AdaFisher(model)
         ...  # train
         estimator = KroneckerFisher()
         estimator.check(optimizer)

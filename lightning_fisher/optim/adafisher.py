@@ -187,24 +187,39 @@ class AdaFisher(torch.optim.Optimizer):
         θ ← θ − lr · m̂ / F̃
 
     Every parameter of the optimizer that no hooked layer owns is updated by Adam
-    (θ ← θ − lr · m̂ / (√v̂ + eps)). Weight decay is coupled (added to the gradient, like
+    (θ ← θ − lr · fallback_lr_scale · m̂ / (√v̂ + eps): Adam's own scale, 1e-3 at the default lr, and
+    it follows any learning-rate schedule). Weight decay is coupled (added to the gradient, like
     ``torch.optim.Adam``); :class:`AdaFisherW` decouples it. Until a layer's factors have been
     measured once, its preconditioner is the identity.
+
+    Defaults (``lr=1.0``, ``damping=0.3``, not the paper's 1e-3 and 1e-3). After min-max
+    normalisation F̃ lies in [λ, 1 + λ], so a coordinate moves by between lr/(1 + λ) and lr/λ times its
+    momentum: lr and λ set the step together, and the paper's pair gives steps from 1e-3 · m̂ (most
+    curved) to 1 · m̂ (least curved). The reference code behaves well with that pair only because of its
+    defects: its EMA weights (0.08 and 0.008 at γ = 0.8) shrink each factor to about 0.0087 of its
+    normalised value, so its F̃ ≈ λ everywhere and its update is lr/λ · m̂ = m̂, i.e. SGD with momentum
+    at an effective lr of 0.1. With the factors as the paper defines them, the paper's pair trains
+    ResNet18 on our CPU proxy to 30.2% where Adam reaches 49.5% and SGD 59.6%; an lr × λ grid on
+    the same proxy (``benchmarks/results/optimizers_cpu.md``) found lr ≈ 3λ with λ ≥ 0.1 best
+    (λ = 0.3, lr = 1: 59.2%) and lr/λ ≥ 10 unstable. Retune both together for other models.
 
     Args:
         params: the model (``nn.Module``: all its parameters, and its layers are hooked), or parameters /
             parameter groups, in which case ``model`` must be given. Groups may set ``lr``, ``betas``,
             ``weight_decay`` and ``eps``.
-        lr: learning rate.
+        lr: learning rate (scale it with ``damping``: see "Defaults" above).
         betas: (β₁, β₂). β₁ is the momentum of every update (the paper's β = 0.9); β₂ is the
             second-moment decay of the Adam rule used for parameters without factors.
         gamma: EMA decay γ of the factors (the paper's 0.8).
-        damping: Tikhonov damping λ added to the normalised Kronecker product (the paper's 1e-3).
+        damping: Tikhonov damping λ added to the normalised Kronecker product (the paper's 1e-3; the
+            largest step is lr/λ times the momentum).
         weight_decay: coupled L2 penalty (AdaFisher) or decoupled decay (AdaFisherW).
         eps: denominator term of the Adam rule (parameters without factors only).
         refresh_interval: measure and average the factors every this many steps (1 = every step, the
             default). In between, the hooks do nothing and the last factors are reused; the reference
             code's 100 leaves the preconditioner stale for long stretches.
+        fallback_lr_scale: the Adam rule of parameters without factors uses ``lr × fallback_lr_scale``
+            (AdaFisher's lr is on a different scale from Adam's; groups may set their own).
         model: the module to hook when ``params`` are parameters or groups (e.g. from a Hydra
             ``_partial_`` factory called as ``factory(param_groups, model=net)``).
 
@@ -214,7 +229,7 @@ class AdaFisher(torch.optim.Optimizer):
 
     Example::
 
-        optimizer = AdaFisher(model, lr=1e-3)          # in a LightningModule: AdaFisher(self, lr=1e-3)
+        optimizer = AdaFisher(model)                    # in a LightningModule: AdaFisher(self)
         loss_fn(model(x), y).backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -225,17 +240,20 @@ class AdaFisher(torch.optim.Optimizer):
     def __init__(
         self,
         params: nn.Module | Iterable[Any],
-        lr: float = 1e-3,
+        lr: float = 1.0,
         betas: tuple[float, float] = (0.9, 0.999),
         gamma: float = 0.8,
-        damping: float = 1e-3,
+        damping: float = 0.3,
         weight_decay: float = 0.0,
         eps: float = 1e-8,
         refresh_interval: int = 1,
+        fallback_lr_scale: float = 1e-3,
         *,
         model: nn.Module | None = None,
     ) -> None:
         _check_hyperparameters(lr, betas, weight_decay, eps)
+        if not (isinstance(fallback_lr_scale, (int, float)) and 0.0 < fallback_lr_scale < math.inf):
+            raise ValueError(f"fallback_lr_scale={fallback_lr_scale!r}: must be a positive finite number")
         if not (isinstance(gamma, (int, float)) and 0.0 <= gamma < 1.0):
             raise ValueError(f"gamma={gamma!r}: must be in [0, 1)")
         if not (isinstance(damping, (int, float)) and 0.0 < damping < math.inf):
@@ -253,7 +271,10 @@ class AdaFisher(torch.optim.Optimizer):
             )
         if not isinstance(model, nn.Module):
             raise TypeError(f"model={type(model).__name__}: must be a torch.nn.Module")
-        defaults = {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay, "eps": eps}
+        defaults = {
+            "lr": lr, "betas": tuple(betas), "weight_decay": weight_decay, "eps": eps,
+            "fallback_lr_scale": fallback_lr_scale,
+        }
         self._model: nn.Module | None = None
         super().__init__(params, defaults)
         self.gamma = float(gamma)
@@ -477,7 +498,7 @@ class AdaFisher(torch.optim.Optimizer):
                 bias1 = 1.0 - beta1 ** state["step"]
                 owner = self._owner.get(id(param))
                 if owner is None:
-                    self._adam_update(param, grad, state, lr, beta2, eps, bias1)
+                    self._adam_update(param, grad, state, lr * group["fallback_lr_scale"], beta2, eps, bias1)
                     continue
                 layer, role = owner
                 if id(layer) not in normalised_factors:
@@ -625,7 +646,9 @@ class AdaFisherW(AdaFisher):
 
     The AdaFisherW variant of Gomes et al. (ICLR 2025, arXiv 2405.16397). Same arguments as
     :class:`AdaFisher`; the decay is applied to every parameter of a group with ``weight_decay > 0``,
-    outside the preconditioner.
+    outside the preconditioner. Its default 5e-5 shrinks the weights by lr · 5e-5 = 5e-5 per step at
+    the default lr of 1, what SGD's coupled 5e-4 does at lr 0.1 (AdamW's 1e-2 is for lr ≈ 1e-3: at
+    lr 1 it would remove 1% of every weight at every step).
     """
 
     decoupled_weight_decay = True
@@ -633,19 +656,20 @@ class AdaFisherW(AdaFisher):
     def __init__(
         self,
         params: nn.Module | Iterable[Any],
-        lr: float = 1e-3,
+        lr: float = 1.0,
         betas: tuple[float, float] = (0.9, 0.999),
         gamma: float = 0.8,
-        damping: float = 1e-3,
-        weight_decay: float = 1e-2,
+        damping: float = 0.3,
+        weight_decay: float = 5e-5,
         eps: float = 1e-8,
         refresh_interval: int = 1,
+        fallback_lr_scale: float = 1e-3,
         *,
         model: nn.Module | None = None,
     ) -> None:
         super().__init__(
             params, lr=lr, betas=betas, gamma=gamma, damping=damping, weight_decay=weight_decay, eps=eps,
-            refresh_interval=refresh_interval, model=model,
+            refresh_interval=refresh_interval, fallback_lr_scale=fallback_lr_scale, model=model,
         )
 
 

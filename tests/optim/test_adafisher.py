@@ -41,6 +41,7 @@ def test_all_names_resolve():
         ({"eps": 0.0}, "eps=0.0"),
         ({"refresh_interval": 0}, "refresh_interval=0"),
         ({"refresh_interval": 2.0}, "refresh_interval=2.0"),
+        ({"fallback_lr_scale": 0.0}, "fallback_lr_scale=0.0"),
     ],
 )
 def test_misconfiguration(kwargs, match):
@@ -63,7 +64,7 @@ def test_one_step_is_the_papers_update_with_hand_computed_factors():
     layer = nn.Linear(3, 3)
     x, y = torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 2])
     before = layer.weight.detach().clone(), layer.bias.detach().clone()
-    optimizer = AdaFisher(layer, lr=0.01)
+    optimizer = AdaFisher(layer, lr=0.01, damping=1e-3)
     out = layer(x)
     out.retain_grad()
     F.cross_entropy(out, y).backward()
@@ -99,12 +100,30 @@ def test_parameters_without_factors_follow_adam_exactly(ours, reference):
     torch.manual_seed(0)
     model = _FreeParameters()
     twin = copy.deepcopy(model)
-    optimizer, adam = ours(model, lr=0.05), reference(twin.parameters(), lr=0.05)
+    optimizer, adam = ours(model, lr=0.05, fallback_lr_scale=1.0), reference(twin.parameters(), lr=0.05)
     for _ in range(4):
         for m, opt in ((model, optimizer), (twin, adam)):
             opt.zero_grad()
             m().backward()
             opt.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_parameters_without_factors_use_adams_scale_of_learning_rate_and_follow_the_schedule():
+    torch.manual_seed(0)
+    model = _FreeParameters()
+    twin = copy.deepcopy(model)
+    # AdaFisher's lr 1 (its default) is Adam's 1e-3 for the parameters that get the Adam rule
+    optimizer, adam = AdaFisher(model), torch.optim.Adam(twin.parameters(), lr=1e-3)
+    schedules = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.1) for o in (optimizer, adam)]
+    for _ in range(5):
+        for m, opt in ((model, optimizer), (twin, adam)):
+            opt.zero_grad()
+            m().backward()
+            opt.step()
+        for schedule in schedules:
+            schedule.step()
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q)
 
@@ -167,7 +186,7 @@ def test_param_groups_with_model_keyword_as_a_hydra_partial_factory_is_called():
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     factory = partial(AdaFisherW, lr=2e-3)
     optimizer = factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], model=model)
-    assert [g["weight_decay"] for g in optimizer.param_groups] == [1e-2, 0.0]
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [5e-5, 0.0]
     assert all(optimizer.covers(p) for p in model.parameters())
     _train(model, optimizer, torch.randn(4, 1, 4, 4), torch.tensor([0, 1, 0, 1]), 2)
     assert set(optimizer.factors()) == {"0", "1", "3"}
@@ -176,8 +195,10 @@ def test_param_groups_with_model_keyword_as_a_hydra_partial_factory_is_called():
 def test_loss_falls_faster_than_sgd_on_an_ill_conditioned_problem():
     # Inputs with scales from 0.1 to 10 (a condition number of 10⁴ for the first layer): AdaFisher's
     # activation factor rescales every input, SGD has one learning rate for all. 60 steps, batch 64,
-    # the best learning rate of each optimizer from a small grid. Measured: AdaFisher 0.528 (lr 1e-2),
-    # SGD with momentum 0.815 (lr 0.1); at their common lr 1e-3, 0.970 vs 1.419.
+    # the best learning rate of each optimizer from a small grid. Measured with the paper's damping 1e-3:
+    # AdaFisher 0.528 (lr 1e-2), SGD with momentum 0.815 (lr 0.1); at their common lr 1e-3, 0.970 vs
+    # 1.419. With the default damping 0.3 (tuned on ResNet18, where it trains better) the preconditioner
+    # counts for less here: 0.699 (lr 0.3; 0.837 at 0.1, 0.858 at 1).
     generator = torch.Generator().manual_seed(0)
     raw = torch.randn(512, 20, generator=generator)
     targets = (raw @ torch.randn(20, 5, generator=generator)).argmax(1)
@@ -196,10 +217,13 @@ def test_loss_falls_faster_than_sgd_on_an_ill_conditioned_problem():
         with torch.no_grad():
             return F.cross_entropy(model(inputs), targets).item()
 
-    adafisher = min(final_loss(partial(AdaFisher, lr=lr)) for lr in (1e-3, 3e-3, 1e-2))
+    adafisher = min(final_loss(partial(AdaFisher, lr=lr, damping=1e-3)) for lr in (1e-3, 3e-3, 1e-2))
     sgd = min(final_loss(partial(torch.optim.SGD, lr=lr, momentum=0.9)) for lr in (0.01, 0.03, 0.1, 0.3))
     assert adafisher < 0.8 * sgd, (adafisher, sgd)
-    assert final_loss(partial(AdaFisher, lr=1e-3)) < 0.8 * final_loss(partial(torch.optim.SGD, lr=1e-3, momentum=0.9))
+    same_lr = final_loss(partial(AdaFisher, lr=1e-3, damping=1e-3))
+    assert same_lr < 0.8 * final_loss(partial(torch.optim.SGD, lr=1e-3, momentum=0.9))
+    default_damping = min(final_loss(partial(AdaFisher, lr=lr)) for lr in (0.1, 0.3, 1.0))
+    assert default_damping < 0.9 * sgd, (default_damping, sgd)
 
 
 # ------------------------------------------------------------------------------------------ accumulation

@@ -149,7 +149,7 @@ def _measure(model: nn.Module, x: Tensor, y: Tensor, name: str) -> tuple[Tensor,
 
 
 def _average(model: nn.Module, batches: list[tuple[Tensor, Tensor]], gamma: float) -> AdaFisher:
-    optimizer = AdaFisher(model, lr=0.0, gamma=gamma)  # lr=0: every step sees the same weights
+    optimizer = AdaFisher(model, lr=0.0, gamma=gamma, damping=1e-3)  # lr=0: every step sees the same weights
     for x, y in batches:
         optimizer.zero_grad()
         F.cross_entropy(model(x), y).backward()
