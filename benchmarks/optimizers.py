@@ -73,13 +73,14 @@ def parse_variant(spec: str) -> tuple[str, dict[str, float | int]]:
         raise ValueError(f"--optimizers: unknown optimizer {name!r} in {spec!r}; choose from {list(OPTIMIZERS)}")
     settings = {}
     for override in overrides:
-        key, sep, value = override.partition("=")
+        key, _, value = override.partition("=")  # no "=": value is "", not a number
         try:
-            settings[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else float(value)
+            number = int(value) if value.strip().lstrip("-").isdigit() else float(value)
         except ValueError:
-            sep = ""
-        if not sep or not key.strip():
+            number = None
+        if not key.strip() or number is None:
             raise ValueError(f"--optimizers: {override!r} in {spec!r} is not name=number (e.g. lr=0.01)")
+        settings[key.strip()] = number
     return name, settings
 
 

@@ -70,6 +70,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import inspect
 import logging
 import os
 import platform
@@ -545,10 +546,10 @@ def _budget(args: argparse.Namespace, train_images: int, test_images: int, steps
                 f"{args.epochs} epochs x {steps} steps, batch {args.batch_size}, AdamW lr {args.lr:g} "
                 f"wd {args.weight_decay:g}, cosine")
     if any(m in ADAFISHER_METHODS for m in args.methods):
-        optimizer = AdaFisherW(torch.nn.Linear(1, 1), **adafisher_settings(args))
-        group = optimizer.param_groups[0]
-        training += (f" (kronecker: AdaFisherW lr {group['lr']:g} damping {optimizer.damping:g} "
-                     f"wd {group['weight_decay']:g})")
+        defaults = {name: p.default for name, p in inspect.signature(AdaFisherW).parameters.items()}
+        settings = {**defaults, **adafisher_settings(args)}
+        training += (f" (kronecker: AdaFisherW lr {settings['lr']:g} damping {settings['damping']:g} "
+                     f"wd {settings['weight_decay']:g})")
     fishleg = [m for m in args.methods if m.startswith("fishleg")]
     if args.mode == "gradual":
         pruning = (f"mode gradual: every method trains from scratch, cubic pruning from epoch {args.prune_start} "

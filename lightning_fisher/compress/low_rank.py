@@ -202,10 +202,13 @@ def factorize(
         raise TypeError(f"exclude={exclude!r}: must be a list of patterns, not a string")
     rule, value = ("ranks", 0.0) if ranks is not None else check_rank_rule(energy, rank_fraction, parameter_budget)
     report = LowRankReport()
-    candidates = [(n, m) for n, m in model.named_modules() if n and type(m) in (nn.Linear, nn.Conv2d)]
+    candidates = []
     for name, module in model.named_modules():
-        if name and isinstance(module, (nn.Linear, nn.Conv2d)) and type(module) not in (nn.Linear, nn.Conv2d):
-            # e.g. fake-quantized layers: factoring them would drop what the subclass adds
+        if not name or not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        if type(module) in (nn.Linear, nn.Conv2d):
+            candidates.append((name, module))
+        else:  # e.g. fake-quantized layers: factoring them would drop what the subclass adds
             base = "Conv2d" if isinstance(module, nn.Conv2d) else "Linear"
             report.skipped[name] = f"{type(module).__name__} is a subclass of nn.{base}, not factored"
     if ranks is not None:

@@ -208,11 +208,15 @@ def check_layer_floors(sizes: dict[str, int], sparsity: float, min_layer_density
     floors = sum(layer_floor(n, min_layer_density) for n in sizes.values())
     k = round(sparsity * total)
     if floors > total - k:
-        raise ValueError(
-            f"min_layer_density={min_layer_density!r}: the per-layer floors keep {floors} of {total} weights "
-            f"({len(sizes)} layers), but sparsity={sparsity:g} prunes {k} and leaves only {total - k}; "
-            "lower min_layer_density or the sparsity (0 disables the guard)"
-        )
+        raise _unreachable(floors, total, len(sizes), k, sparsity, min_layer_density)
+
+
+def _unreachable(floors: int, total: int, layers: int, k: int, sparsity: float, density: float) -> ValueError:
+    return ValueError(
+        f"min_layer_density={density!r}: the per-layer floors keep {floors} of {total} weights "
+        f"({layers} layers), but sparsity={sparsity:g} prunes {k} and leaves only {total - k}; "
+        "lower min_layer_density or the sparsity (0 disables the guard)"
+    )
 
 
 def unstructured_masks(
@@ -293,11 +297,7 @@ def _guard_layers(
         return pruned
     total = flat.numel()
     if protected_total > total - k:
-        raise ValueError(
-            f"min_layer_density={density!r}: the per-layer floors keep {protected_total} of {total} weights, "
-            f"but sparsity={sparsity:g} prunes {k} and leaves only {total - k}; "
-            "lower min_layer_density or the sparsity (0 disables the guard)"
-        )
+        raise _unreachable(protected_total, total, len(names), k, sparsity, density)
     candidates = ~protected
     guarded = torch.zeros_like(pruned)
     # boolean indexing keeps the order, so ties are still broken by global position among candidates
