@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -23,6 +25,16 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "sparsity_sweep.py
 TRAIN_PER_CLASS = 4
 TEST_PER_CLASS = 2
 TINY = ["--width", "4", "--max-per-class", "0", "--batch-size", "20", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def restore_lightning_log_levels() -> Iterator[None]:
+    """The script's main() quietens Lightning's loggers, as a script may; later tests read their INFO lines."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    yield
+    for logger, level in zip(loggers, levels):
+        logger.setLevel(level)
 
 
 @pytest.fixture(scope="module")
