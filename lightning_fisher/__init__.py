@@ -32,6 +32,7 @@ _EXPORTS: dict[str, str] = {
     "sparsity_report": "lightning_fisher.pruning",
     "export_pruned": "lightning_fisher.pruning",
     "load_pruned": "lightning_fisher.pruning",
+    "load_weights": "lightning_fisher.weights",
     "AdaFisher": "lightning_fisher.optim",
     "AdaFisherW": "lightning_fisher.optim",
     "to_sparse": "lightning_fisher.sparse",

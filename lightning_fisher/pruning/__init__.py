@@ -15,12 +15,15 @@ from lightning_fisher.pruning.report import global_sparsity, prunable_parameter_
 from lightning_fisher.pruning.patterns import (
     SCOPES,
     Pattern,
+    check_layer_floors,
+    layer_floor,
     lowest_k,
     nm_eligible,
     nm_mask,
     nm_masks,
     parse_pattern,
     unstructured_masks,
+    validate_min_layer_density,
 )
 from lightning_fisher.pruning.pruner import PruneEvent, Pruner
 from lightning_fisher.pruning.schedules import SCHEDULES, UNITS, Schedule, SchedulePosition, cubic_sparsity
@@ -40,11 +43,13 @@ __all__ = [
     "SchedulePosition",
     "apply_masks_",
     "clean_fqn",
+    "check_layer_floors",
     "cubic_sparsity",
     "export_pruned",
     "global_sparsity",
     "prunable_parameter_names",
     "sparsity_report",
+    "layer_floor",
     "layer_sparsity",
     "load_masks",
     "load_pruned",
@@ -65,4 +70,5 @@ __all__ = [
     "select_parameters",
     "sparsity",
     "unstructured_masks",
+    "validate_min_layer_density",
 ]
