@@ -34,7 +34,8 @@ The stem conv and the classifier stay dense for every method. Methods:
   In ``oneshot``: ``torch.nn.utils.prune.global_unstructured`` with ``L1Unstructured`` (what
   ModelPruning calls) at the target, made permanent. It has no N:M pattern: ``n/a`` for 2:4;
 * ``squisher``: ``FisherPruning(criterion="fisher", estimator=Squisher(), scope="global")`` (OBD
-  θ²F/2 with the free Fisher read from AdamW's second moment);
+  θ²F/2 with the free Fisher read from AdamW's second moment; ``--fisher-damping δ`` scores every OBD
+  method, all Fisher methods but ``fishleg_obs``, with θ²(F + δ·mean F)/2 instead);
 * ``empirical``: ``FisherPruning(criterion="fisher", estimator=EmpiricalFisher(num_samples=...),
   scope="global")`` (per-sample squared gradients at prune time);
 * ``kronecker``: ``FisherPruning(criterion="fisher", estimator=KroneckerFisher(), scope="global")``,
@@ -149,6 +150,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-dense", action="store_true",
                         help="skip the dense baseline run (gradual only: oneshot needs the dense model)")
     parser.add_argument("--fisher-samples", type=int, default=1024, help="EmpiricalFisher num_samples")
+    parser.add_argument("--fisher-damping", type=float, default=0.0,
+                        help="FisherPruning fisher_damping of the OBD methods (all Fisher methods but fishleg_obs): "
+                             "scores θ²(F + δ·mean F)/2; 0 = plain OBD")
     parser.add_argument("--fishleg-pretrain", type=int, default=50,
                         help="FishLegFisher pretrain_steps: auxiliary updates before the first prune")
     parser.add_argument("--fishleg-update-every", type=int, default=10,
@@ -186,6 +190,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--fishleg-update-every ({args.fishleg_update_every}): must be >= 1")
     if args.bn_recalibrate < 0:
         parser.error(f"--bn-recalibrate ({args.bn_recalibrate}): must be >= 0")
+    if not 0.0 <= args.fisher_damping < float("inf"):
+        parser.error(f"--fisher-damping ({args.fisher_damping}): must be a finite number >= 0")
     args.methods = _choices(parser, "--methods", args.methods, METHODS)
     args.sparsities = [float(s) for s in args.sparsities.split(",") if s.strip()]
     if any(not 0.0 < s < 1.0 for s in args.sparsities):
@@ -273,7 +279,7 @@ def _callbacks(method: str, target: str, model: ImageClassifier, args: argparse.
     if fisher is not None:
         estimator, compensate = fisher
         return [FisherPruning(criterion="fisher", estimator=estimator, scope="global", compensate=compensate,
-                              **shape, **schedule)]
+                              fisher_damping=0.0 if compensate else args.fisher_damping, **shape, **schedule)]
     if method == "lightning_l1":
         if nm:
             return None
@@ -474,8 +480,10 @@ def prune_one_shot(method: str, target: str, dense: Dense, inputs: PruneInputs,
         pruner = Pruner(criterion="magnitude", scope="layer" if method == "magnitude_layer" else "global",
                         schedule="one_shot", start=0, **_shape(target))  # type: ignore[arg-type]
     elif _estimator(method, args) is not None:
-        pruner = Pruner(criterion="fisher", scope="global", schedule="one_shot", start=0,
-                        compensate=inputs.inverse_product is not None, **_shape(target))  # type: ignore[arg-type]
+        compensate = inputs.inverse_product is not None
+        pruner = Pruner(criterion="fisher", scope="global", schedule="one_shot", start=0, compensate=compensate,
+                        fisher_damping=0.0 if compensate else args.fisher_damping,
+                        **_shape(target))  # type: ignore[arg-type]
     else:
         raise ValueError(f"method={method!r}: must be one of {METHODS}")
     pruner.prepare(net)
@@ -562,6 +570,8 @@ def _budget(args: argparse.Namespace, train_images: int, test_images: int, steps
                    f"copy once to the target, no fine-tuning; {bn}")
         fishleg_text = f"{fishleg_estimator(args)!r} (update_every unused: no training after the estimate)"
     parts = [training, pruning, f"EmpiricalFisher num_samples={args.fisher_samples}"]
+    if args.fisher_damping:
+        parts.append(f"OBD scores damped: fisher_damping={args.fisher_damping:g} (θ²(F + δ·mean F)/2)")
     if fishleg:
         parts.append(f"{','.join(fishleg)}: {fishleg_text}")
     return "; ".join(parts) + f"; seed {args.seed}"

@@ -98,6 +98,8 @@ def test_flags(sweep: ModuleType) -> None:
     ["--fishleg-update-every", "0"],
     ["--fishleg-pretrain", "-1"],
     ["--bn-recalibrate", "-1"],
+    ["--fisher-damping", "-1"],
+    ["--fisher-damping", "nan"],
     ["--epochs", "1"],  # gradual: no room for a prune followed by training
     ["--epochs", "4", "--prune-start", "1", "--prune-end", "4"],
 ])
@@ -152,6 +154,15 @@ def test_fishleg_callbacks(sweep: ModuleType, method: str, compensate: bool, tar
     assert callback.pruner.compensate is compensate and callback.pruner.scope == "global"
     assert callback.pattern == ("unstructured" if target == "0.9" else "2:4")
     assert callback.pruner.target_sparsity == (0.9 if target == "0.9" else 0.5)
+
+
+@pytest.mark.parametrize(("method", "damped"), [("squisher", True), ("empirical", True), ("fishleg_obs", False)])
+def test_fisher_damping_reaches_the_obd_methods_only(sweep: ModuleType, method: str, damped: bool) -> None:
+    args = sweep.parse_args(["--fisher-damping", "0.5"])
+    model = sweep._model(method, sweep.parse_args(["--width", "4"]))
+    (callback,) = sweep._callbacks(method, "0.95", model, args)
+    assert callback.pruner.fisher_damping == (0.5 if damped else 0.0)
+    assert sweep.parse_args([]).fisher_damping == 0.0
 
 
 # ------------------------------------------------------------------------------------- one-shot core

@@ -113,6 +113,10 @@ class FisherPruning(Callback):
             ``0`` disables it (the masks of earlier versions). Ignored with ``scope="layer"`` (every
             layer keeps 1 − s anyway) and with N:M (every group keeps N of M). Floors the target cannot
             leave room for are a ``ValueError`` at ``on_fit_start``, before any training.
+        fisher_damping: relative damping δ ≥ 0 of the diagonal Fisher in the OBD score:
+            ρ = θ²(F + δ·mean F)/2, the mean taken over all pruned weights at each prune. ``0`` (default)
+            is plain OBD; large δ tends to global magnitude ranking. Only with ``criterion="fisher"`` and
+            ``compensate=False`` (an inverse Fisher carries its own damping); elsewhere an error.
 
     Example::
 
@@ -144,6 +148,7 @@ class FisherPruning(Callback):
         sparse_backend: str = "auto",
         verbose: bool = True,
         min_layer_density: float = 0.01,
+        fisher_damping: float = 0.0,
     ) -> None:
         if unit not in UNITS:
             raise ValueError(f"unit={unit!r}: must be one of {UNITS}")
@@ -199,6 +204,7 @@ class FisherPruning(Callback):
             seed=seed,
             compensate=compensate,
             min_layer_density=min_layer_density,
+            fisher_damping=fisher_damping,
         )
         self.estimator = estimator if criterion == "fisher" else None
         self.criterion = criterion

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,11 +43,35 @@ from lightning_fisher.pruning.scores import (
 from lightning_fisher.pruning.selection import clean_fqn, select_parameters
 from lightning_fisher.pruning.surgeon import InverseProduct, obs_compensate_
 
-__all__ = ["PruneEvent", "Pruner", "STATE_VERSION"]
+__all__ = ["PruneEvent", "Pruner", "STATE_VERSION", "mean_entry", "validate_fisher_damping"]
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+
+
+def validate_fisher_damping(fisher_damping: float, criterion: str, compensate: bool) -> float:
+    """Check ``fisher_damping`` (a finite float ≥ 0, used only by OBD scores) and return it as a float."""
+    if isinstance(fisher_damping, bool) or not isinstance(fisher_damping, (int, float)):
+        raise TypeError(f"fisher_damping={fisher_damping!r}: must be a float >= 0")
+    if not 0.0 <= fisher_damping < float("inf"):
+        raise ValueError(f"fisher_damping={fisher_damping!r}: must be a finite float >= 0")
+    if fisher_damping and (criterion != "fisher" or compensate):
+        used = f"criterion={criterion!r}" if criterion != "fisher" else "compensate=True (Q has its own damping)"
+        raise ValueError(
+            f"fisher_damping={fisher_damping!r}: only the OBD score (criterion='fisher', compensate=False) uses it, "
+            f"got {used}"
+        )
+    return float(fisher_damping)
+
+
+def mean_entry(tensors: Iterable[Tensor]) -> float:
+    """The mean of all entries of ``tensors`` together (each weighted by its size), accumulated in float64."""
+    total, count = 0.0, 0
+    for t in tensors:
+        total += float(t.detach().double().sum())
+        count += t.numel()
+    return total / count if count else 0.0
 
 
 @dataclass(frozen=True)
@@ -87,6 +111,12 @@ class Pruner:
             every layer keeps at least ``max(1, ceil(d·numel))`` of its highest-scoring weights while the
             total pruned stays ``round(s·total)``; ``0`` disables it. Not used with ``scope="layer"`` or
             N:M. Floors the target cannot leave room for are a ``ValueError`` at :meth:`prepare`.
+        fisher_damping: relative damping δ ≥ 0 of the diagonal Fisher in the OBD score (``criterion="fisher"``
+            without ``compensate``): ρ = θ²(F + γ)/2 with γ = δ · mean(F) over all pruned weights, the OBS
+            cost of the damped diagonal Fisher F + γI. ``0`` is plain OBD; as δ grows the ranking tends to
+            global magnitude. Relative, so one value means the same for any Fisher scale (the Squisher's
+            B·v and the empirical Fisher differ by constants). An inverse Fisher (``compensate``) carries
+            its own damping, so there it is an error, as with the other criteria.
     """
 
     def __init__(
@@ -108,10 +138,12 @@ class Pruner:
         seed: int = 0,
         compensate: bool = False,
         min_layer_density: float = 0.01,
+        fisher_damping: float = 0.0,
     ) -> None:
         self.min_layer_density = validate_min_layer_density(min_layer_density)
         if criterion not in CRITERIA:
             raise ValueError(f"criterion={criterion!r}: must be one of {CRITERIA}")
+        self.fisher_damping = validate_fisher_damping(fisher_damping, criterion, compensate)
         if scope not in SCOPES:
             raise ValueError(f"scope={scope!r}: must be one of {SCOPES}")
         if schedule not in SCHEDULES:
@@ -275,8 +307,11 @@ class Pruner:
         missing = sorted(set(self.parameters) - set(source))
         if missing:
             raise KeyError(f"the Fisher estimate has no entry for pruned parameters {missing}")
-        score = score_obs if self.compensate else score_obd
-        out = {name: score(p, source[name]) for name, p in self.parameters.items()}
+        if self.compensate:
+            out = {name: score_obs(p, source[name]) for name, p in self.parameters.items()}
+        else:
+            damping = self.fisher_damping * mean_entry(source[name] for name in self.parameters)
+            out = {name: score_obd(p, source[name], damping) for name, p in self.parameters.items()}
         check_finite(out)
         return out
 

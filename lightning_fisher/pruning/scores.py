@@ -1,7 +1,8 @@
 """Saliency scores: how much the loss is expected to grow when a weight is removed (low = prune first).
 
 - ``magnitude``: |θ| (Han et al. 2015; the OBD score with F = I, up to monotone transforms).
-- ``fisher`` (OBD, LeCun et al. 1990): ρ = θ²·F/2 with a diagonal Fisher F.
+- ``fisher`` (OBD, LeCun et al. 1990): ρ = θ²·(F + γ)/2 with a diagonal Fisher F and damping γ ≥ 0, the
+  OBS cost θ²/(2·[(F + γI)⁻¹]_qq) of a diagonal Fisher (γ = 0: plain OBD; γ → ∞: the magnitude ranking).
 - OBS with an inverse Fisher Q ≈ (F + γI)⁻¹ (Hassibi & Stork 1993; FishLeg Surgeon): ρ = θ²/(2·Q_qq).
 - ``random``: uniform noise, the baseline.
 
@@ -26,11 +27,13 @@ def score_magnitude(weight: Tensor) -> Tensor:
     return weight.detach().abs().float()
 
 
-def score_obd(weight: Tensor, fisher_diag: Tensor) -> Tensor:
-    """θ²·F/2, the Optimal Brain Damage cost of removing each weight under a diagonal Fisher ``F``."""
+def score_obd(weight: Tensor, fisher_diag: Tensor, damping: float = 0.0) -> Tensor:
+    """θ²·(F + γ)/2, the Optimal Brain Damage cost of removing each weight under a diagonal Fisher ``F``
+    damped by ``damping`` = γ ≥ 0 (in the Fisher's units)."""
     _check_shape(weight, fisher_diag, "fisher_diag")
     w = weight.detach().float()
-    return w.square() * fisher_diag.detach().to(device=w.device, dtype=torch.float32) / 2
+    fisher = fisher_diag.detach().to(device=w.device, dtype=torch.float32)
+    return w.square() * (fisher + damping if damping else fisher) / 2
 
 
 def score_obs(weight: Tensor, inverse_diag: Tensor) -> Tensor:

@@ -548,6 +548,9 @@ def test_compensation_with_an_inverse_capable_estimator(make_trainer, digits, ma
         (dict(target_sparsity=0.5, end_epoch=2, criterion="magnitude", estimator=ConstantFisher()), ValueError,
          r"estimator=ConstantFisher\(\): only criterion='fisher' uses an estimator, got criterion='magnitude'"),
         (dict(target_sparsity=0.8, pattern="2:4", end_epoch=2), ValueError, r"target_sparsity=0.8: pattern='2:4' prunes exactly"),
+        (dict(target_sparsity=0.5, end_epoch=2, fisher_damping=-0.1), ValueError, r"fisher_damping=-0.1: must be a finite float >= 0"),
+        (dict(target_sparsity=0.5, end_epoch=2, criterion="random", fisher_damping=1.0), ValueError,
+         r"fisher_damping=1.0: only the OBD score \(criterion='fisher', compensate=False\) uses it, got criterion='random'"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, error, match):

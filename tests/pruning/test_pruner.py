@@ -234,6 +234,12 @@ def test_compensating_pruner_moves_survivors_with_a_dense_inverse():
         (dict(target_sparsity=0.5, scope="net"), r"scope='net': must be one of"),
         (dict(target_sparsity=0.5, schedule="cubic"), r"schedule='cubic': must be one of"),
         (dict(target_sparsity=0.5, criterion="magnitude", compensate=True), r"compensate=True: needs criterion='fisher'"),
+        (dict(target_sparsity=0.5, fisher_damping=-1.0), r"fisher_damping=-1.0: must be a finite float >= 0"),
+        (dict(target_sparsity=0.5, fisher_damping=float("inf")), r"fisher_damping=inf: must be a finite float >= 0"),
+        (dict(target_sparsity=0.5, criterion="magnitude", fisher_damping=0.5),
+         r"fisher_damping=0.5: only the OBD score .* got criterion='magnitude'"),
+        (dict(target_sparsity=0.5, criterion="fisher", compensate=True, fisher_damping=0.5),
+         r"fisher_damping=0.5: only the OBD score .* got compensate=True"),
     ],
 )
 def test_pruner_validation(kwargs, match):
@@ -305,3 +311,51 @@ def test_global_pruner_rejects_unreachable_floors_at_prepare():
 def test_pruner_rejects_bad_min_layer_density(value):
     with pytest.raises(ValueError, match=r"min_layer_density=.*: must be a float in \[0, 1\)"):
         Pruner(0.5, end=3, min_layer_density=value)
+
+
+# ---------------------------------------------------------------- damped OBD
+
+
+def _one_shot_masks(fisher_of, **kwargs) -> dict[str, Tensor]:
+    pruner = Pruner(0.6, criterion="fisher", schedule="one_shot", start=0, min_layer_density=0.0, **kwargs)
+    net = _net()
+    pruner.prepare(net)
+    pruner.step(0, fisher_of(pruner.parameters))
+    return pruner.masks
+
+
+def _uneven_fisher(parameters) -> dict[str, Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    # spread over four orders of magnitude, so the Fisher and the magnitude rankings disagree
+    return {k: 10 ** (4 * torch.rand(p.shape, generator=generator)) for k, p in parameters.items()}
+
+
+def test_fisher_damping_is_relative_to_the_mean_fisher_and_tends_to_magnitude():
+    plain = _one_shot_masks(_uneven_fisher)
+    assert all(torch.equal(plain[k], m) for k, m in _one_shot_masks(_uneven_fisher, fisher_damping=0.0).items())
+    magnitude = Pruner(0.6, criterion="magnitude", schedule="one_shot", start=0, min_layer_density=0.0)
+    magnitude.prepare(_net())
+    magnitude.step(0)
+    assert any(not torch.equal(plain[k], m) for k, m in magnitude.masks.items())
+    # δ = 1e9: F is negligible beside γ = δ·mean F, so the ranking is θ²·γ, i.e. global magnitude
+    damped = _one_shot_masks(_uneven_fisher, fisher_damping=1e9)
+    assert all(torch.equal(damped[k], m) for k, m in magnitude.masks.items())
+    # relative: scaling the Fisher (the Squisher's B·v against an empirical Fisher) changes nothing
+    half = _one_shot_masks(_uneven_fisher, fisher_damping=0.5)
+    scaled = _one_shot_masks(lambda ps: {k: 1e-6 * f for k, f in _uneven_fisher(ps).items()}, fisher_damping=0.5)
+    assert all(torch.equal(half[k], m) for k, m in scaled.items())
+    # and it is exactly θ²(F + δ·mean F)/2 with the mean over every pruned weight
+    pruner = Pruner(0.6, criterion="fisher", schedule="one_shot", start=0, fisher_damping=0.5)
+    pruner.prepare(_net())
+    fisher = _uneven_fisher(pruner.parameters)
+    gamma = 0.5 * torch.cat([f.flatten() for f in fisher.values()]).double().mean().item()
+    for name, score in pruner.scores(fisher).items():
+        expected = pruner.parameters[name].detach().square() * (fisher[name] + gamma) / 2
+        torch.testing.assert_close(score, expected)
+    assert any(not torch.equal(half[k], m) for k, m in plain.items())
+
+
+@pytest.mark.parametrize("value", ["0.5", True, None])
+def test_pruner_rejects_a_fisher_damping_that_is_not_a_number(value):
+    with pytest.raises(TypeError, match=r"fisher_damping=.*: must be a float >= 0"):
+        Pruner(0.5, end=3, fisher_damping=value)

@@ -12,6 +12,9 @@ def test_scores_by_hand():
     torch.testing.assert_close(score_obd(w, f), torch.tensor([[2.0, 2.0], [1.0, 0.0]]))
     # θ²/(2Q): with Q = 1/F this equals OBD
     torch.testing.assert_close(score_obs(w, 1 / f), score_obd(w, f))
+    # damped: θ²(F + γ)/2 with γ = 1: 4·2/2, 1·5/2, 0.25·9/2, 0; the OBS cost of Q = (F + γ)⁻¹
+    torch.testing.assert_close(score_obd(w, f, damping=1.0), torch.tensor([[4.0, 2.5], [1.125, 0.0]]))
+    torch.testing.assert_close(score_obs(w, 1 / (f + 1.0)), score_obd(w, f, damping=1.0))
 
 
 def test_random_scores_follow_the_generator():
