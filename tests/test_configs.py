@@ -11,6 +11,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import get_method, instantiate
 from omegaconf import OmegaConf
 
+from lightning_fisher.callbacks import FisherPruning
 from lightning_fisher.train import build
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -76,6 +77,12 @@ def test_recipe_with_an_unknown_top_level_key_is_rejected(compose_config, tmp_pa
 def test_misspelt_constructor_argument_is_rejected(compose_config):
     with pytest.raises(Exception, match="batch_sise"):
         build(compose_config("+data.batch_sise=8"))
+
+
+def test_a_pruning_argument_the_yaml_leaves_out_is_set_with_a_plus(compose_config):
+    callbacks = build(compose_config("recipe=quickstart", "+pruning.fisher_damping=1.0"))["callbacks"]
+    (pruning,) = [cb for cb in callbacks if isinstance(cb, FisherPruning)]
+    assert pruning.pruner.fisher_damping == 1.0
 
 
 def test_callback_entry_without_target_is_rejected(compose_config):

@@ -114,8 +114,8 @@ class FisherPruning(Callback):
             layer keeps 1 − s anyway) and with N:M (every group keeps N of M). Floors the target cannot
             leave room for are a ``ValueError`` at ``on_fit_start``, before any training.
         fisher_damping: relative damping δ ≥ 0 of the diagonal Fisher in the OBD score:
-            ρ = θ²(F + δ·mean F)/2, the mean taken over all pruned weights at each prune. ``0`` (default)
-            is plain OBD; large δ tends to global magnitude ranking. Only with ``criterion="fisher"`` and
+            ρ = θ²(F + δ·mean F)/2, the mean taken at each prune over every weight of the pruned layers
+            (masked ones included). ``0`` (default) is plain OBD; large δ tends to global magnitude ranking. Only with ``criterion="fisher"`` and
             ``compensate=False`` (an inverse Fisher carries its own damping); elsewhere an error.
 
     Example::

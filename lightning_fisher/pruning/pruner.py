@@ -112,9 +112,9 @@ class Pruner:
             total pruned stays ``round(s·total)``; ``0`` disables it. Not used with ``scope="layer"`` or
             N:M. Floors the target cannot leave room for are a ``ValueError`` at :meth:`prepare`.
         fisher_damping: relative damping δ ≥ 0 of the diagonal Fisher in the OBD score (``criterion="fisher"``
-            without ``compensate``): ρ = θ²(F + γ)/2 with γ = δ · mean(F) over all pruned weights, the OBS
-            cost of the damped diagonal Fisher F + γI. ``0`` is plain OBD; as δ grows the ranking tends to
-            global magnitude. Relative, so one value means the same for any Fisher scale (the Squisher's
+            without ``compensate``): ρ = θ²(F + γ)/2 with γ = δ · mean(F) over every weight of the pruned
+            layers (masked ones included), the OBS cost of the damped diagonal Fisher F + γI. ``0`` is plain
+            OBD; as δ grows the ranking tends to global magnitude. Relative, so one value means the same for any Fisher scale (the Squisher's
             B·v and the empirical Fisher differ by constants). An inverse Fisher (``compensate``) carries
             its own damping, so there it is an error, as with the other criteria.
     """
