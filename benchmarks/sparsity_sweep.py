@@ -46,11 +46,14 @@ The stem conv and the classifier stay dense for every method. Methods:
   ``oneshot`` a second dense model is trained with AdaFisherW, only when ``kronecker`` is asked for);
 * ``fishleg``: ``FisherPruning(criterion="fisher", estimator=FishLegFisher(pretrain_steps=
   --fishleg-pretrain, update_every=--fishleg-update-every), scope="global")`` (FishLeg Surgeon's
-  learned inverse Fisher Q, default damping and conv_form; scored with the diagonal Fisher Q implies,
+  learned inverse Fisher Q, default conv_form, damping ``--fishleg-damping`` or the default; scored with the diagonal Fisher Q implies,
   θ²F/2, no compensation). Q starts from AdamW's second moment and learns every ``update_every``
   steps during training (gradual only) and ``pretrain_steps`` times before its first prune;
 * ``fishleg_obs``: the same with ``compensate=True``: OBS scores θ²/(2Q_qq) and the OBS update of the
   surviving weights with Q (FishLeg Surgeon).
+
+In ``oneshot`` each Fisher method's line also gives the scale of its estimate over the pruned weights
+(mean, median, max of F, or of 1/Q_qq = the damped Fisher FishLeg's Q implies), to set a damping against.
 
 "Δ vs magnitude" in the table is each method's accuracy minus ``magnitude_layer``'s at the same target
 (``magnitude_global`` is shown as its own row). The dense baseline trains the same way with no pruning.
@@ -155,6 +158,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "scores θ²(F + δ·mean F)/2; 0 = plain OBD")
     parser.add_argument("--fishleg-pretrain", type=int, default=50,
                         help="FishLegFisher pretrain_steps: auxiliary updates before the first prune")
+    parser.add_argument("--fishleg-damping", type=float, default=None,
+                        help="FishLegFisher damping γ of fishleg/fishleg_obs (default: FishLegFisher's); oneshot prints "
+                             "the Fisher's scale to set it against")
     parser.add_argument("--fishleg-update-every", type=int, default=10,
                         help="FishLegFisher update_every: an auxiliary update every this many training steps (gradual)")
     parser.add_argument("--bn-recalibrate", type=int, default=0,
@@ -188,6 +194,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--fishleg-pretrain ({args.fishleg_pretrain}): must be >= 0")
     if args.fishleg_update_every < 1:
         parser.error(f"--fishleg-update-every ({args.fishleg_update_every}): must be >= 1")
+    if args.fishleg_damping is not None and not 0.0 < args.fishleg_damping < float("inf"):
+        parser.error(f"--fishleg-damping ({args.fishleg_damping}): must be a finite number > 0")
     if args.bn_recalibrate < 0:
         parser.error(f"--bn-recalibrate ({args.bn_recalibrate}): must be >= 0")
     if not 0.0 <= args.fisher_damping < float("inf"):
@@ -238,8 +246,16 @@ def lightning_amount(final: float, start: int, end: int) -> Callable[[int], floa
 
 
 def fishleg_estimator(args: argparse.Namespace) -> FishLegFisher:
-    """``FishLegFisher`` with the sweep's ``pretrain_steps`` and ``update_every``, default damping/conv_form."""
-    return FishLegFisher(pretrain_steps=args.fishleg_pretrain, update_every=args.fishleg_update_every)
+    """``FishLegFisher`` with the sweep's ``pretrain_steps``, ``update_every`` and damping (``--fishleg-damping``,
+    else its default), default conv_form."""
+    damping = {} if args.fishleg_damping is None else {"damping": args.fishleg_damping}
+    return FishLegFisher(pretrain_steps=args.fishleg_pretrain, update_every=args.fishleg_update_every, **damping)
+
+
+def fisher_scale(diagonal: dict[str, Tensor], name: str = "F") -> str:
+    """Mean, median and maximum of a diagonal over all pruned weights (to set a damping against)."""
+    values = torch.cat([d.detach().flatten().float().cpu() for d in diagonal.values()])
+    return f"{name} mean {values.mean():.2e} median {values.median():.2e} max {values.max():.2e}"
 
 
 def _pruned_weights(model: nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -456,6 +472,12 @@ def estimate(method: str, dense: Dense, data: CIFAR10DataModule, args: argparse.
     else:
         inputs = PruneInputs(fisher=estimator.diagonal(context))
     inputs.seconds = time.perf_counter() - start
+    if compensate:
+        assert inputs.inverse_diag is not None
+        inputs.extra["scale"] = fisher_scale({k: 1 / q for k, q in inputs.inverse_diag.items()}, "1/Q_qq")
+    else:
+        assert inputs.fisher is not None
+        inputs.extra["scale"] = fisher_scale(inputs.fisher)
     if isinstance(estimator, FishLegFisher):
         inputs.extra["fishleg_updates"] = estimator.updates
     dense.net.load_state_dict(saved)

@@ -89,6 +89,13 @@ def test_flags(sweep: ModuleType) -> None:
     estimator = sweep.fishleg_estimator(args)
     assert (estimator.pretrain_steps, estimator.update_every) == (0, 3)
     assert sweep.parse_args(["--patterns", ""]).patterns == []
+    assert sweep.fishleg_estimator(sweep.parse_args(["--fishleg-damping", "1e-5"])).damping == 1e-5
+    assert sweep.fishleg_estimator(sweep.parse_args([])).damping == FishLegFisher().damping
+
+
+def test_fisher_scale(sweep: ModuleType) -> None:
+    diagonal = {"a": torch.tensor([1.0, 2.0, 3.0]), "b": torch.tensor([[10.0]])}
+    assert sweep.fisher_scale(diagonal) == "F mean 4.00e+00 median 2.00e+00 max 1.00e+01"
 
 
 @pytest.mark.parametrize("argv", [
@@ -100,6 +107,7 @@ def test_flags(sweep: ModuleType) -> None:
     ["--bn-recalibrate", "-1"],
     ["--fisher-damping", "-1"],
     ["--fisher-damping", "nan"],
+    ["--fishleg-damping", "0"],
     ["--epochs", "1"],  # gradual: no room for a prune followed by training
     ["--epochs", "4", "--prune-start", "1", "--prune-end", "4"],
 ])
@@ -186,6 +194,7 @@ def test_estimate_leaves_the_dense_model_unchanged(sweep: ModuleType, trained: t
     inputs = sweep.estimate("fishleg_obs", dense, data, args)
     assert inputs.fisher is None and inputs.inverse_diag is not None and inputs.inverse_product is not None
     assert inputs.extra["fishleg_updates"] == 3  # --fishleg-pretrain 3
+    assert inputs.extra["scale"].startswith("1/Q_qq mean ")
     after = dense.net.state_dict()
     for name, value in before.items():  # weights and BatchNorm running statistics (train-mode forwards)
         assert torch.equal(after[name], value), name
