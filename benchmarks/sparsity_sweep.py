@@ -46,9 +46,10 @@ The stem conv and the classifier stay dense for every method. Methods:
   ``oneshot`` a second dense model is trained with AdaFisherW, only when ``kronecker`` is asked for);
 * ``fishleg``: ``FisherPruning(criterion="fisher", estimator=FishLegFisher(pretrain_steps=
   --fishleg-pretrain, update_every=--fishleg-update-every), scope="global")`` (FishLeg Surgeon's
-  learned inverse Fisher Q, default conv_form, damping ``--fishleg-damping`` or the default; scored with the diagonal Fisher Q implies,
-  θ²F/2, no compensation). Q starts from AdamW's second moment and learns every ``update_every``
-  steps during training (gradual only) and ``pretrain_steps`` times before its first prune;
+  learned inverse Fisher Q, default conv_form, damping ``--fishleg-damping`` or the default; scored
+  with the diagonal Fisher Q implies, θ²F/2, no compensation). Q starts from AdamW's second moment
+  and learns every ``update_every`` steps during training (gradual only) and ``pretrain_steps`` times
+  before its first prune;
 * ``fishleg_obs``: the same with ``compensate=True``: OBS scores θ²/(2Q_qq) and the OBS update of the
   surviving weights with Q (FishLeg Surgeon).
 

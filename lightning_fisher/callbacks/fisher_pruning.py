@@ -115,8 +115,9 @@ class FisherPruning(Callback):
             leave room for are a ``ValueError`` at ``on_fit_start``, before any training.
         fisher_damping: relative damping δ ≥ 0 of the diagonal Fisher in the OBD score:
             ρ = θ²(F + δ·mean F)/2, the mean taken at each prune over every weight of the pruned layers
-            (masked ones included). ``0`` (default) is plain OBD; large δ tends to global magnitude ranking. Only with ``criterion="fisher"`` and
-            ``compensate=False`` (an inverse Fisher carries its own damping); elsewhere an error.
+            (masked ones included). ``0`` (default) is plain OBD; large δ tends to global magnitude
+            ranking. Only with ``criterion="fisher"`` and ``compensate=False`` (an inverse Fisher carries
+            its own damping); elsewhere an error.
 
     Example::
 

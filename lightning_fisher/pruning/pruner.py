@@ -43,7 +43,7 @@ from lightning_fisher.pruning.scores import (
 from lightning_fisher.pruning.selection import clean_fqn, select_parameters
 from lightning_fisher.pruning.surgeon import InverseProduct, obs_compensate_
 
-__all__ = ["PruneEvent", "Pruner", "STATE_VERSION", "mean_entry", "validate_fisher_damping"]
+__all__ = ["PruneEvent", "Pruner", "STATE_VERSION", "validate_fisher_damping"]
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def validate_fisher_damping(fisher_damping: float, criterion: str, compensate: b
     return float(fisher_damping)
 
 
-def mean_entry(tensors: Iterable[Tensor]) -> float:
+def _mean_entry(tensors: Iterable[Tensor]) -> float:
     """The mean of all entries of ``tensors`` together (each weighted by its size), accumulated in float64."""
     total, count = 0.0, 0
     for t in tensors:
@@ -114,9 +114,10 @@ class Pruner:
         fisher_damping: relative damping δ ≥ 0 of the diagonal Fisher in the OBD score (``criterion="fisher"``
             without ``compensate``): ρ = θ²(F + γ)/2 with γ = δ · mean(F) over every weight of the pruned
             layers (masked ones included), the OBS cost of the damped diagonal Fisher F + γI. ``0`` is plain
-            OBD; as δ grows the ranking tends to global magnitude. Relative, so one value means the same for any Fisher scale (the Squisher's
-            B·v and the empirical Fisher differ by constants). An inverse Fisher (``compensate``) carries
-            its own damping, so there it is an error, as with the other criteria.
+            OBD; as δ grows the ranking tends to global magnitude. Relative, so one value means the same
+            for any Fisher scale (the Squisher's B·v and the empirical Fisher differ by constants). An
+            inverse Fisher (``compensate``) carries its own damping, so there it is an error, as with the
+            other criteria.
     """
 
     def __init__(
@@ -310,7 +311,9 @@ class Pruner:
         if self.compensate:
             out = {name: score_obs(p, source[name]) for name, p in self.parameters.items()}
         else:
-            damping = self.fisher_damping * mean_entry(source[name] for name in self.parameters)
+            damping = 0.0
+            if self.fisher_damping:
+                damping = self.fisher_damping * _mean_entry(source[name] for name in self.parameters)
             out = {name: score_obd(p, source[name], damping) for name, p in self.parameters.items()}
         check_finite(out)
         return out
