@@ -276,6 +276,11 @@ def _estimator(method: str, args: argparse.Namespace) -> tuple[FisherEstimator, 
     return None
 
 
+def _obd_damping(compensate: bool, args: argparse.Namespace) -> float:
+    """``--fisher-damping`` for an OBD method; 0 for OBS (``fishleg_obs``), whose Q is damped already."""
+    return 0.0 if compensate else args.fisher_damping
+
+
 def _shape(target: str) -> dict[str, object]:
     return {"pattern": target} if ":" in target else {"pattern": "unstructured", "target_sparsity": float(target)}
 
@@ -296,7 +301,7 @@ def _callbacks(method: str, target: str, model: ImageClassifier, args: argparse.
     if fisher is not None:
         estimator, compensate = fisher
         return [FisherPruning(criterion="fisher", estimator=estimator, scope="global", compensate=compensate,
-                              fisher_damping=0.0 if compensate else args.fisher_damping, **shape, **schedule)]
+                              fisher_damping=_obd_damping(compensate, args), **shape, **schedule)]
     if method == "lightning_l1":
         if nm:
             return None
@@ -468,17 +473,15 @@ def estimate(method: str, dense: Dense, data: CIFAR10DataModule, args: argparse.
     dense.net.train()  # as FisherPruning sees the model: in training
     start = time.perf_counter()
     if compensate:
-        inputs = PruneInputs(inverse_diag=estimator.inverse_diagonal(context),
-                             inverse_product=partial(estimator.inverse_product, context))
+        inverse_diag = estimator.inverse_diagonal(context)
+        inputs = PruneInputs(inverse_diag=inverse_diag, inverse_product=partial(estimator.inverse_product, context))
     else:
-        inputs = PruneInputs(fisher=estimator.diagonal(context))
+        fisher = estimator.diagonal(context)
+        inputs = PruneInputs(fisher=fisher)
     inputs.seconds = time.perf_counter() - start
-    if compensate:
-        assert inputs.inverse_diag is not None
-        inputs.extra["scale"] = fisher_scale({k: 1 / q for k, q in inputs.inverse_diag.items()}, "1/Q_qq")
-    else:
-        assert inputs.fisher is not None
-        inputs.extra["scale"] = fisher_scale(inputs.fisher)
+    inputs.extra["scale"] = (
+        fisher_scale({k: 1 / q for k, q in inverse_diag.items()}, "1/Q_qq") if compensate else fisher_scale(fisher)
+    )
     if isinstance(estimator, FishLegFisher):
         inputs.extra["fishleg_updates"] = estimator.updates
     dense.net.load_state_dict(saved)
@@ -505,8 +508,7 @@ def prune_one_shot(method: str, target: str, dense: Dense, inputs: PruneInputs,
     elif _estimator(method, args) is not None:
         compensate = inputs.inverse_product is not None
         pruner = Pruner(criterion="fisher", scope="global", schedule="one_shot", start=0, compensate=compensate,
-                        fisher_damping=0.0 if compensate else args.fisher_damping,
-                        **_shape(target))  # type: ignore[arg-type]
+                        fisher_damping=_obd_damping(compensate, args), **_shape(target))  # type: ignore[arg-type]
     else:
         raise ValueError(f"method={method!r}: must be one of {METHODS}")
     pruner.prepare(net)

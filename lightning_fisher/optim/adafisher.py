@@ -252,12 +252,11 @@ class AdaFisher(torch.optim.Optimizer):
         model: nn.Module | None = None,
     ) -> None:
         _check_hyperparameters(lr, betas, weight_decay, eps)
-        if not (isinstance(fallback_lr_scale, (int, float)) and 0.0 < fallback_lr_scale < math.inf):
-            raise ValueError(f"fallback_lr_scale={fallback_lr_scale!r}: must be a positive finite number")
         if not (isinstance(gamma, (int, float)) and 0.0 <= gamma < 1.0):
             raise ValueError(f"gamma={gamma!r}: must be in [0, 1)")
-        if not (isinstance(damping, (int, float)) and 0.0 < damping < math.inf):
-            raise ValueError(f"damping={damping!r}: must be a positive finite number")
+        for name, value in (("damping", damping), ("fallback_lr_scale", fallback_lr_scale)):
+            if not (isinstance(value, (int, float)) and 0.0 < value < math.inf):
+                raise ValueError(f"{name}={value!r}: must be a positive finite number")
         if isinstance(refresh_interval, bool) or not isinstance(refresh_interval, int) or refresh_interval < 1:
             raise ValueError(f"refresh_interval={refresh_interval!r}: must be an integer >= 1")
         if isinstance(params, nn.Module):
