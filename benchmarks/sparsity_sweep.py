@@ -51,7 +51,8 @@ The stem conv and the classifier stay dense for every method. Methods:
   and learns every ``update_every`` steps during training (gradual only) and ``pretrain_steps`` times
   before its first prune;
 * ``fishleg_obs``: the same with ``compensate=True``: OBS scores θ²/(2Q_qq) and the OBS update of the
-  surviving weights with Q (FishLeg Surgeon).
+  surviving weights with Q (FishLeg Surgeon): the independent-weights form, or with ``--obs-iterations k``
+  the joint form over every pruned weight, solved by at most k conjugate-gradient steps.
 
 In ``oneshot`` each Fisher method's line also gives the scale of its estimate over the pruned weights
 (mean, median, max of F, or of 1/Q_qq = the damped Fisher FishLeg's Q implies), to set a damping against.
@@ -162,6 +163,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fishleg-damping", type=float, default=None,
                         help="FishLegFisher damping γ of fishleg/fishleg_obs (default: FishLegFisher's); oneshot prints "
                              "the Fisher's scale to set it against")
+    parser.add_argument("--obs-iterations", type=int, default=0,
+                        help="FisherPruning obs_iterations of fishleg_obs: 0 = independent-weights OBS update, "
+                             "k > 0 = the joint update by at most k conjugate-gradient steps")
     parser.add_argument("--fishleg-update-every", type=int, default=10,
                         help="FishLegFisher update_every: an auxiliary update every this many training steps (gradual)")
     parser.add_argument("--bn-recalibrate", type=int, default=0,
@@ -197,6 +201,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--fishleg-update-every ({args.fishleg_update_every}): must be >= 1")
     if args.fishleg_damping is not None and not 0.0 < args.fishleg_damping < float("inf"):
         parser.error(f"--fishleg-damping ({args.fishleg_damping}): must be a finite number > 0")
+    if args.obs_iterations < 0:
+        parser.error(f"--obs-iterations ({args.obs_iterations}): must be >= 0")
     if args.bn_recalibrate < 0:
         parser.error(f"--bn-recalibrate ({args.bn_recalibrate}): must be >= 0")
     if not 0.0 <= args.fisher_damping < float("inf"):
@@ -276,9 +282,9 @@ def _estimator(method: str, args: argparse.Namespace) -> tuple[FisherEstimator, 
     return None
 
 
-def _obd_damping(compensate: bool, args: argparse.Namespace) -> float:
-    """``--fisher-damping`` for an OBD method; 0 for OBS (``fishleg_obs``), whose Q is damped already."""
-    return 0.0 if compensate else args.fisher_damping
+def _fisher_options(compensate: bool, args: argparse.Namespace) -> dict[str, float | int]:
+    """``--fisher-damping`` for an OBD method; ``--obs-iterations`` for OBS (``fishleg_obs``, Q is damped already)."""
+    return {"obs_iterations": args.obs_iterations} if compensate else {"fisher_damping": args.fisher_damping}
 
 
 def _shape(target: str) -> dict[str, object]:
@@ -301,7 +307,7 @@ def _callbacks(method: str, target: str, model: ImageClassifier, args: argparse.
     if fisher is not None:
         estimator, compensate = fisher
         return [FisherPruning(criterion="fisher", estimator=estimator, scope="global", compensate=compensate,
-                              fisher_damping=_obd_damping(compensate, args), **shape, **schedule)]
+                              **_fisher_options(compensate, args), **shape, **schedule)]
     if method == "lightning_l1":
         if nm:
             return None
@@ -508,7 +514,7 @@ def prune_one_shot(method: str, target: str, dense: Dense, inputs: PruneInputs,
     elif _estimator(method, args) is not None:
         compensate = inputs.inverse_product is not None
         pruner = Pruner(criterion="fisher", scope="global", schedule="one_shot", start=0, compensate=compensate,
-                        fisher_damping=_obd_damping(compensate, args), **_shape(target))  # type: ignore[arg-type]
+                        **_fisher_options(compensate, args), **_shape(target))  # type: ignore[arg-type]
     else:
         raise ValueError(f"method={method!r}: must be one of {METHODS}")
     pruner.prepare(net)
@@ -599,6 +605,9 @@ def _budget(args: argparse.Namespace, train_images: int, test_images: int, steps
         parts.append(f"OBD scores damped: fisher_damping={args.fisher_damping:g} (θ²(F + δ·mean F)/2)")
     if fishleg:
         parts.append(f"{','.join(fishleg)}: {fishleg_text}")
+    if "fishleg_obs" in args.methods:
+        form = f"joint, at most {args.obs_iterations} CG steps" if args.obs_iterations else "independent weights"
+        parts.append(f"fishleg_obs OBS update: {form}")
     return "; ".join(parts) + f"; seed {args.seed}"
 
 

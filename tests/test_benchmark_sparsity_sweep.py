@@ -108,6 +108,7 @@ def test_fisher_scale(sweep: ModuleType) -> None:
     ["--fisher-damping", "-1"],
     ["--fisher-damping", "nan"],
     ["--fishleg-damping", "0"],
+    ["--obs-iterations", "-1"],
     ["--epochs", "1"],  # gradual: no room for a prune followed by training
     ["--epochs", "4", "--prune-start", "1", "--prune-end", "4"],
 ])
@@ -171,6 +172,15 @@ def test_fisher_damping_reaches_the_obd_methods_only(sweep: ModuleType, method: 
     (callback,) = sweep._callbacks(method, "0.95", model, args)
     assert callback.pruner.fisher_damping == (0.5 if damped else 0.0)
     assert sweep.parse_args([]).fisher_damping == 0.0
+
+
+@pytest.mark.parametrize(("method", "iterations"), [("fishleg_obs", 8), ("fishleg", 0), ("squisher", 0)])
+def test_obs_iterations_reach_fishleg_surgeon_only(sweep: ModuleType, method: str, iterations: int) -> None:
+    args = sweep.parse_args(["--obs-iterations", "8"])
+    model = sweep._model(method, sweep.parse_args(["--width", "4"]))
+    (callback,) = sweep._callbacks(method, "0.95", model, args)
+    assert callback.pruner.obs_iterations == iterations
+    assert sweep.parse_args([]).obs_iterations == 0
 
 
 # ------------------------------------------------------------------------------------- one-shot core
@@ -293,9 +303,10 @@ def test_main_gradual_fishleg(sweep: ModuleType, cifar_dir: Path, tmp_path: Path
     out = tmp_path / "gradual.md"
     sweep.main(["--data-dir", str(cifar_dir), "--epochs", "2", "--sparsities", "0.9", "--patterns", "",
                 "--methods", "fishleg,fishleg_obs", "--fishleg-pretrain", "2", "--fishleg-update-every", "1",
-                "--no-dense", "--output", str(out), *TINY])
+                "--obs-iterations", "3", "--no-dense", "--output", str(out), *TINY])
     text = out.read_text()
     assert "mode gradual" in text and "update_every=1, pretrain_steps=2" in text
+    assert "fishleg_obs OBS update: joint, at most 3 CG steps" in text
     lines = text.splitlines()
     for method in ("fishleg", "fishleg_obs"):
         (row,) = [line for line in lines if line.startswith(f"| {method} |")]

@@ -118,6 +118,9 @@ class FisherPruning(Callback):
             (masked ones included). ``0`` (default) is plain OBD; large δ tends to global magnitude
             ranking. Only with ``criterion="fisher"`` and ``compensate=False`` (an inverse Fisher carries
             its own damping); elsewhere an error.
+        obs_iterations: with ``compensate``, ``0`` (default) applies the independent-weights OBS update
+            −Q[(θ ⊙ 1_S) ⊘ diag Q]; ``k > 0`` the joint update −Q E_T (Q_TT)⁻¹ θ_T over every pruned weight,
+            by at most k conjugate-gradient steps (k products with Q per prune). Elsewhere an error.
 
     Example::
 
@@ -150,6 +153,7 @@ class FisherPruning(Callback):
         verbose: bool = True,
         min_layer_density: float = 0.01,
         fisher_damping: float = 0.0,
+        obs_iterations: int = 0,
     ) -> None:
         if unit not in UNITS:
             raise ValueError(f"unit={unit!r}: must be one of {UNITS}")
@@ -206,6 +210,7 @@ class FisherPruning(Callback):
             compensate=compensate,
             min_layer_density=min_layer_density,
             fisher_damping=fisher_damping,
+            obs_iterations=obs_iterations,
         )
         self.estimator = estimator if criterion == "fisher" else None
         self.criterion = criterion

@@ -41,7 +41,7 @@ from lightning_fisher.pruning.scores import (
     score_random,
 )
 from lightning_fisher.pruning.selection import clean_fqn, select_parameters
-from lightning_fisher.pruning.surgeon import InverseProduct, obs_compensate_
+from lightning_fisher.pruning.surgeon import InverseProduct, obs_compensate_, validate_obs_iterations
 
 __all__ = ["PruneEvent", "Pruner", "STATE_VERSION", "validate_fisher_damping"]
 
@@ -118,6 +118,11 @@ class Pruner:
             for any Fisher scale (the Squisher's B·v and the empirical Fisher differ by constants). An
             inverse Fisher (``compensate``) carries its own damping, so there it is an error, as with the
             other criteria.
+        obs_iterations: the OBS update of ``compensate`` (see :mod:`.surgeon`). ``0``: the
+            independent-weights form −Q[(θ ⊙ 1_S) ⊘ diag Q] (WoodFisher, oBERT, FishLeg Surgeon).
+            ``k > 0``: the joint form −Q E_T (Q_TT)⁻¹ θ_T over every pruned weight T, solved to at most k
+            conjugate-gradient steps (one product with Q each): every pruned weight lands on zero and the
+            survivors absorb the removals together. Non-zero only with ``compensate``.
     """
 
     def __init__(
@@ -140,11 +145,13 @@ class Pruner:
         compensate: bool = False,
         min_layer_density: float = 0.01,
         fisher_damping: float = 0.0,
+        obs_iterations: int = 0,
     ) -> None:
         self.min_layer_density = validate_min_layer_density(min_layer_density)
         if criterion not in CRITERIA:
             raise ValueError(f"criterion={criterion!r}: must be one of {CRITERIA}")
         self.fisher_damping = validate_fisher_damping(fisher_damping, criterion, compensate)
+        self.obs_iterations = validate_obs_iterations(obs_iterations, compensate)
         if scope not in SCOPES:
             raise ValueError(f"scope={scope!r}: must be one of {SCOPES}")
         if schedule not in SCHEDULES:
@@ -359,7 +366,7 @@ class Pruner:
                     raise ValueError("compensate=True: step() needs inverse_diag and inverse_product")
                 pruned_now = {n: ~m for n, m in new.items()}
                 self.moved_coupled = obs_compensate_(
-                    self.parameters, pruned_now, inverse_diag, inverse_product, self.coupled
+                    self.parameters, pruned_now, inverse_diag, inverse_product, self.coupled, self.obs_iterations
                 )
             self.masks = new
         self.apply_()

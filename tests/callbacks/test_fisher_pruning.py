@@ -551,6 +551,8 @@ def test_compensation_with_an_inverse_capable_estimator(make_trainer, digits, ma
         (dict(target_sparsity=0.5, end_epoch=2, fisher_damping=-0.1), ValueError, r"fisher_damping=-0.1: must be a finite float >= 0"),
         (dict(target_sparsity=0.5, end_epoch=2, criterion="random", fisher_damping=1.0), ValueError,
          r"fisher_damping=1.0: only the OBD score \(criterion='fisher', compensate=False\) uses it, got criterion='random'"),
+        (dict(target_sparsity=0.5, end_epoch=2, obs_iterations=10), ValueError,
+         r"obs_iterations=10: only the OBS update uses it; set compensate=True or leave it 0"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, error, match):

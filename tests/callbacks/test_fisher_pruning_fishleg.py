@@ -30,10 +30,12 @@ class ZeroCheck(Callback):
         self.checked += 1
 
 
-def test_fishleg_surgeon_reaches_the_target_with_exact_zeros_and_logs(make_trainer, digits, make_module):
+@pytest.mark.parametrize("obs_iterations", [0, 10])
+def test_fishleg_surgeon_reaches_the_target_with_exact_zeros_and_logs(make_trainer, digits, make_module, obs_iterations):
     estimator = FishLegFisher(damping=0.1, conv_form="three_factor", update_every=2, pretrain_steps=3)
     pruning = FisherPruning(
-        estimator=estimator, compensate=True, target_sparsity=0.8, pattern="unstructured", start_epoch=0, end_epoch=2
+        estimator=estimator, compensate=True, target_sparsity=0.8, pattern="unstructured", start_epoch=0, end_epoch=2,
+        obs_iterations=obs_iterations,
     )
     zero_check = ZeroCheck(pruning)
     module = make_module()

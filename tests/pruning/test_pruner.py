@@ -240,6 +240,9 @@ def test_compensating_pruner_moves_survivors_with_a_dense_inverse():
          r"fisher_damping=0.5: only the OBD score .* got criterion='magnitude'"),
         (dict(target_sparsity=0.5, criterion="fisher", compensate=True, fisher_damping=0.5),
          r"fisher_damping=0.5: only the OBD score .* got compensate=True"),
+        (dict(target_sparsity=0.5, obs_iterations=-1), r"obs_iterations=-1: must be >= 0"),
+        (dict(target_sparsity=0.5, criterion="fisher", obs_iterations=5),
+         r"obs_iterations=5: only the OBS update uses it; set compensate=True or leave it 0"),
     ],
 )
 def test_pruner_validation(kwargs, match):
@@ -359,3 +362,9 @@ def test_fisher_damping_is_relative_to_the_mean_fisher_and_tends_to_magnitude():
 def test_pruner_rejects_a_fisher_damping_that_is_not_a_number(value):
     with pytest.raises(TypeError, match=r"fisher_damping=.*: must be a float >= 0"):
         Pruner(0.5, end=3, fisher_damping=value)
+
+
+@pytest.mark.parametrize("value", ["5", True, 2.0, None])
+def test_pruner_rejects_obs_iterations_that_are_not_an_integer(value):
+    with pytest.raises(TypeError, match=r"obs_iterations=.*: must be an integer >= 0"):
+        Pruner(0.5, end=3, criterion="fisher", compensate=True, obs_iterations=value)
