@@ -25,12 +25,15 @@ masks hold at zero, so weights pruned earlier stay on zero instead of being move
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
 
 __all__ = ["InverseProduct", "obs_compensate_", "obs_update", "validate_obs_iterations"]
+
+log = logging.getLogger(__name__)
 
 _RELATIVE_TOLERANCE = 1e-6  # conjugate gradients stop early once the residual on T is this small
 
@@ -68,7 +71,8 @@ def _joint_solve(
     rz = _dot(residual, z)
     rhs_norm = _dot(rhs, rhs) ** 0.5
     qx: dict[str, Tensor] | None = None
-    for _ in range(iterations if rz > 0 else 0):
+    steps = 0
+    for steps in range(1, (iterations if rz > 0 else 0) + 1):
         q_direction = inverse_product(direction)
         a_direction = {name: torch.where(pruned[name], q_direction[name], 0.0) for name in direction}
         curvature = _dot(direction, a_direction)
@@ -87,6 +91,8 @@ def _joint_solve(
         z = {name: r / inverse_diag[name] for name, r in residual.items()}
         rz, rz_old = _dot(residual, z), rz
         direction = {name: z[name] + (rz / rz_old) * direction[name] for name in z}
+    if rhs_norm:
+        log.debug("joint OBS update: %d CG steps, relative residual %.2e", steps, _dot(residual, residual) ** 0.5 / rhs_norm)
     return x, inverse_product(x) if qx is None else qx
 
 

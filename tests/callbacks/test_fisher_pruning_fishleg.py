@@ -142,3 +142,5 @@ def test_fishleg_recipe_composes_and_builds(compose_config):
     assert pruning.pruner.target_sparsity == 0.95
     default = compose_config("recipe=cifar10_resnet18_fishleg95")
     assert default.pruning.compensate is True and default.optimizer._target_ == "torch.optim.AdamW"
+    joint = compose_config("recipe=cifar10_resnet18_fishleg95", "pruning.obs_iterations=20")
+    assert instantiate(joint.pruning, estimator=estimator).pruner.obs_iterations == 20
