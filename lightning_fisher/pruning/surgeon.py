@@ -20,7 +20,9 @@ Compression, Frantar & Alistarh 2022) is δθ = −Q E_T (Q_TT)⁻¹ θ_T: the s
 F_γ = Q⁻¹, that puts every weight of T exactly on zero. With ``iterations=k > 0`` we solve
 Q_TT x = θ_T by k steps of conjugate gradients preconditioned by diag(Q) (one product with Q each; the
 first step is the independent form rescaled by the optimal step length), with T = every weight the
-masks hold at zero, so weights pruned earlier stay on zero instead of being moved and re-zeroed.
+masks hold at zero, so weights pruned earlier stay on zero instead of being moved and re-zeroed. With a
+weakly damped Q, Q_TT is ill-conditioned and k steps give a truncated solve (the debug log of this module
+reports the relative residual left at each prune).
 """
 
 from __future__ import annotations
