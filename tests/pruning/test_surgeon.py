@@ -1,4 +1,4 @@
-"""OBS compensation with coupled parameters: the bias moves with the weights it shares a Q block with."""
+"""OBS compensation: the bias moves with the weights it shares a Q block with; the joint update for many removals."""
 
 from __future__ import annotations
 
