@@ -66,15 +66,17 @@ def _joint_solve(
     iterations: int,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """x ≈ (Q_TT)⁻¹ θ_T by Jacobi-preconditioned conjugate gradients from 0, and Q·x (every block)."""
+
+    def preconditioned(r: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {name: v / inverse_diag[name] for name, v in r.items()}
+
     x = {name: torch.zeros_like(v) for name, v in rhs.items()}
-    residual = dict(rhs)
-    z = {name: r / inverse_diag[name] for name, r in residual.items()}
-    direction = dict(z)
-    rz = _dot(residual, z)
-    rhs_norm = _dot(rhs, rhs) ** 0.5
     qx: dict[str, Tensor] | None = None
+    residual, direction = dict(rhs), preconditioned(rhs)
+    rz = _dot(residual, direction)
+    rhs_norm = residual_norm = _dot(rhs, rhs) ** 0.5
     steps = 0
-    for steps in range(1, (iterations if rz > 0 else 0) + 1):
+    while steps < iterations and rz > 0 and residual_norm > _RELATIVE_TOLERANCE * rhs_norm:
         q_direction = inverse_product(direction)
         a_direction = {name: torch.where(pruned[name], q_direction[name], 0.0) for name in direction}
         curvature = _dot(direction, a_direction)
@@ -88,13 +90,13 @@ def _joint_solve(
             qx = {name: torch.zeros_like(block) for name, block in q_direction.items()}
         for name, block in q_direction.items():
             qx[name].add_(block, alpha=step)
-        if _dot(residual, residual) ** 0.5 <= _RELATIVE_TOLERANCE * rhs_norm:
-            break
-        z = {name: r / inverse_diag[name] for name, r in residual.items()}
+        steps += 1
+        residual_norm = _dot(residual, residual) ** 0.5
+        z = preconditioned(residual)
         rz, rz_old = _dot(residual, z), rz
         direction = {name: z[name] + (rz / rz_old) * direction[name] for name in z}
     if rhs_norm:
-        log.debug("joint OBS update: %d CG steps, relative residual %.2e", steps, _dot(residual, residual) ** 0.5 / rhs_norm)
+        log.debug("joint OBS update: %d CG steps, relative residual %.2e", steps, residual_norm / rhs_norm)
     return x, inverse_product(x) if qx is None else qx
 
 
