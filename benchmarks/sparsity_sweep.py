@@ -46,7 +46,8 @@ The stem conv and the classifier stay dense for every method. Methods:
   ``oneshot`` a second dense model is trained with AdaFisherW, only when ``kronecker`` is asked for);
 * ``fishleg``: ``FisherPruning(criterion="fisher", estimator=FishLegFisher(pretrain_steps=
   --fishleg-pretrain, update_every=--fishleg-update-every), scope="global")`` (FishLeg Surgeon's
-  learned inverse Fisher Q, default conv_form, damping ``--fishleg-damping`` or the default; scored
+  learned inverse Fisher Q, default conv_form, damping ``--fishleg-damping`` and Adam's learning rate on λ
+  ``--fishleg-lr``, or the defaults; scored
   with the diagonal Fisher Q implies, θ²F/2, no compensation). Q starts from AdamW's second moment
   and learns every ``update_every`` steps during training (gradual only) and ``pretrain_steps`` times
   before its first prune;
@@ -163,6 +164,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fishleg-damping", type=float, default=None,
                         help="FishLegFisher damping γ of fishleg/fishleg_obs (default: FishLegFisher's); oneshot prints "
                              "the Fisher's scale to set it against")
+    parser.add_argument("--fishleg-lr", type=float, default=None,
+                        help="FishLegFisher lr: Adam's learning rate on λ (default: FishLegFisher's)")
+    parser.add_argument("--fishleg-heldout", type=int, default=0,
+                        help="oneshot: FishLeg's held-out auxiliary loss (FishLegFisher.auxiliary_loss) on this many "
+                             "unaugmented training batches, before and after Q learns (0 = off)")
     parser.add_argument("--obs-iterations", type=int, default=0,
                         help="FisherPruning obs_iterations of fishleg_obs: 0 = independent-weights OBS update, "
                              "k > 0 = the joint update by at most k conjugate-gradient steps")
@@ -201,6 +207,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--fishleg-update-every ({args.fishleg_update_every}): must be >= 1")
     if args.fishleg_damping is not None and not 0.0 < args.fishleg_damping < float("inf"):
         parser.error(f"--fishleg-damping ({args.fishleg_damping}): must be a finite number > 0")
+    if args.fishleg_lr is not None and not 0.0 < args.fishleg_lr < float("inf"):
+        parser.error(f"--fishleg-lr ({args.fishleg_lr}): must be a finite number > 0")
+    if args.fishleg_heldout < 0:
+        parser.error(f"--fishleg-heldout ({args.fishleg_heldout}): must be >= 0")
+    if args.fishleg_heldout and args.mode != "oneshot":
+        parser.error(f"--fishleg-heldout ({args.fishleg_heldout}): only in --mode oneshot")
     if args.obs_iterations < 0:
         parser.error(f"--obs-iterations ({args.obs_iterations}): must be >= 0")
     if args.bn_recalibrate < 0:
@@ -253,10 +265,11 @@ def lightning_amount(final: float, start: int, end: int) -> Callable[[int], floa
 
 
 def fishleg_estimator(args: argparse.Namespace) -> FishLegFisher:
-    """``FishLegFisher`` with the sweep's ``pretrain_steps``, ``update_every`` and damping (``--fishleg-damping``,
-    else its default), default conv_form."""
-    damping = {} if args.fishleg_damping is None else {"damping": args.fishleg_damping}
-    return FishLegFisher(pretrain_steps=args.fishleg_pretrain, update_every=args.fishleg_update_every, **damping)
+    """``FishLegFisher`` with the sweep's ``pretrain_steps``, ``update_every``, damping and lr (``--fishleg-damping``,
+    ``--fishleg-lr``, else its defaults), default conv_form."""
+    given = {"damping": args.fishleg_damping, "lr": args.fishleg_lr}
+    chosen = {name: value for name, value in given.items() if value is not None}
+    return FishLegFisher(pretrain_steps=args.fishleg_pretrain, update_every=args.fishleg_update_every, **chosen)
 
 
 def fisher_scale(diagonal: dict[str, Tensor], name: str = "F") -> str:
@@ -477,6 +490,12 @@ def estimate(method: str, dense: Dense, data: CIFAR10DataModule, args: argparse.
         extra={"masks": {}},
     )
     dense.net.train()  # as FisherPruning sees the model: in training
+    heldout = None
+    if isinstance(estimator, FishLegFisher) and args.fishleg_heldout:
+        # unaugmented batches: the same inputs before and after learning (common random numbers)
+        heldout = FisherContext(model=dense.net, parameters=context.parameters, optimizer=dense.optimizer,
+                                batches=_batches(data, dense.device, train=False), batch_size=args.batch_size)
+        initial = estimator.auxiliary_loss(heldout, batches=args.fishleg_heldout)
     start = time.perf_counter()
     if compensate:
         inverse_diag = estimator.inverse_diagonal(context)
@@ -490,6 +509,9 @@ def estimate(method: str, dense: Dense, data: CIFAR10DataModule, args: argparse.
     )
     if isinstance(estimator, FishLegFisher):
         inputs.extra["fishleg_updates"] = estimator.updates
+        if heldout is not None:
+            learned = estimator.auxiliary_loss(heldout, batches=args.fishleg_heldout)
+            inputs.extra["heldout_aux"] = f"{initial:.5f} -> {learned:.5f}"
     dense.net.load_state_dict(saved)
     dense.net.eval()
     return inputs

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import importlib.util
 import logging
+import math
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -108,7 +110,11 @@ def test_fisher_scale(sweep: ModuleType) -> None:
     ["--fisher-damping", "-1"],
     ["--fisher-damping", "nan"],
     ["--fishleg-damping", "0"],
+    ["--fishleg-lr", "0"],
+    ["--fishleg-lr", "inf"],
     ["--obs-iterations", "-1"],
+    ["--fishleg-heldout", "-1", "--mode", "oneshot"],
+    ["--fishleg-heldout", "2"],  # gradual: Q learns during training, no before/after
     ["--epochs", "1"],  # gradual: no room for a prune followed by training
     ["--epochs", "4", "--prune-start", "1", "--prune-end", "4"],
 ])
@@ -155,11 +161,11 @@ def test_format_table(sweep: ModuleType) -> None:
 @pytest.mark.parametrize(("method", "compensate"), [("fishleg", False), ("fishleg_obs", True)])
 @pytest.mark.parametrize("target", ["0.9", "2:4"])
 def test_fishleg_callbacks(sweep: ModuleType, method: str, compensate: bool, target: str) -> None:
-    args = sweep.parse_args(["--fishleg-pretrain", "7", "--fishleg-update-every", "4"])
+    args = sweep.parse_args(["--fishleg-pretrain", "7", "--fishleg-update-every", "4", "--fishleg-lr", "3e-4"])
     model = sweep._model(method, sweep.parse_args(["--width", "4"]))
     (callback,) = sweep._callbacks(method, target, model, args)
     assert isinstance(callback, FisherPruning) and isinstance(callback.estimator, FishLegFisher)
-    assert (callback.estimator.pretrain_steps, callback.estimator.update_every) == (7, 4)
+    assert (callback.estimator.pretrain_steps, callback.estimator.update_every, callback.estimator.lr) == (7, 4, 3e-4)
     assert callback.pruner.compensate is compensate and callback.pruner.scope == "global"
     assert callback.pattern == ("unstructured" if target == "0.9" else "2:4")
     assert callback.pruner.target_sparsity == (0.9 if target == "0.9" else 0.5)
@@ -282,9 +288,12 @@ def test_main_oneshot(sweep: ModuleType, cifar_dir: Path, tmp_path: Path, capsys
     out = tmp_path / "oneshot.csv"
     sweep.main(["--mode", "oneshot", "--data-dir", str(cifar_dir), "--epochs", "1", "--sparsities", "0.8",
                 "--methods", "magnitude_layer,lightning_l1,fishleg_obs", "--fishleg-pretrain", "2",
-                "--output", str(out), *TINY])
+                "--fishleg-heldout", "1", "--output", str(out), *TINY])
     text = capsys.readouterr().out
     assert "mode oneshot" in text and "pretrain_steps=2" in text and "no recalibration" in text
+    (line,) = [line for line in text.splitlines() if "fishleg_obs @ 0.8" in line]
+    (heldout,) = re.findall(r"heldout_aux (\S+) -> (\S+)\)", line)
+    assert all(math.isfinite(float(value)) for value in heldout) and heldout[0] != heldout[1]  # Q learned
     with out.open() as handle:
         rows = list(csv.DictReader(handle))
     assert [(r["method"], r["target"]) for r in rows] == [

@@ -58,6 +58,15 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
 
+def _masked(values: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {n: v * masks[n] if n in masks else v for n, v in values.items()}
+
+
+def _active(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> int:
+    """Coordinates Q is learned on: the surviving weights where a mask is given, every one elsewhere."""
+    return sum(int(masks[n].sum()) if n in masks else p.numel() for n, p in params.items())
+
+
 def _spearman(a: Tensor, b: Tensor) -> float:
     ranks_a = a.argsort().argsort().float()
     ranks_b = b.argsort().argsort().float()
@@ -289,6 +298,38 @@ class FishLegFisher(FisherEstimator):
             losses.append(self._update(context, batch[0], batch[1]))
         return losses
 
+    def auxiliary_loss(self, context: FisherContext, batches: int = 8, seed: int = 0) -> float:
+        """A(λ; u) per active coordinate, averaged over the first ``batches`` of the context's batches.
+
+        A held-out measure of how close Q is to F_γ⁻¹: E_u[A] = ½tr(QF_γQ) − tr(Q) is minimal at
+        Q = F_γ⁻¹ and exceeds its minimum by ½‖Q − F_γ⁻¹‖² in the F_γ norm (Gaussian probes), so lower is
+        closer. Probes and sampled labels of batch i come from a generator seeded with ``seed`` and i,
+        never from the training stream: calls with the same arguments on the same model and batches see
+        the same draws, so two Qs (or one Q before and after learning) are compared on common random
+        numbers. λ, Adam's state and the update count do not change. Masks in ``context.extra`` restrict
+        it to the survivors, as in learning. With ``probe="gradient"`` the probes are the batches'
+        training-loss gradients instead, and A then weighs the directions gradients take.
+
+        Raises:
+            ValueError: ``batches`` < 1 or ``seed`` < 0 (naming the value), or no batches in the context.
+        """
+        _integer("batches", batches, 1)
+        _integer("seed", seed, 0)
+        self.build(context)
+        params = self._params(context)
+        masks = self._masks(context, params)
+        device = next(iter(params.values())).device
+        losses = []
+        for i, (x, y) in enumerate(context.iter_batches()):
+            if i >= batches:
+                break
+            # seeds from 2**62 up: a range the learning stream (self._generator) does not reach
+            generator = torch.Generator(device=device).manual_seed(2**62 + seed * 1_000_003 + i)
+            losses.append(self._probe_terms(context, x, y, generator, masks)[3])
+        if not losses:
+            raise ValueError("FishLegFisher.auxiliary_loss: the context's batches are empty")
+        return sum(losses) / len(losses)
+
     def diag_agreement(self, context: FisherContext) -> float | None:
         """Spearman correlation of 1/diag(Q) − γ with the Squisher's diagonal (Adam-family only)."""
         if self.agreement_samples == 0 or not self._has_optimizer_state(context):
@@ -450,42 +491,48 @@ class FishLegFisher(FisherEstimator):
         generator.manual_seed((self.seed * 1_000_003 + salt + 1) % (2**63))
         return generator
 
-    def _update(self, context: FisherContext, x: Tensor, y: Tensor) -> float:
-        """One Adam step on λ; returns the auxiliary loss A per active coordinate (before the step)."""
-        assert self._adam is not None
+    def _masks(self, context: FisherContext, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {n: m for n, m in context.extra.get("masks", {}).items() if n in params and not bool(m.all())}
+
+    def _probe_terms(
+        self, context: FisherContext, x: Tensor, y: Tensor, generator: torch.Generator, masks: Mapping[str, Tensor]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor], float]:
+        """Probe u, w = Qu, h = F_γw − u (masked to the survivors) and A(λ; u) per active coordinate."""
         params = self._params(context)
-        masks = {n: m for n, m in context.extra.get("masks", {}).items() if n in params and not bool(m.all())}
-        generator = self._generator(params, salt=self.updates)
-
-        def masked(values: Mapping[str, Tensor]) -> dict[str, Tensor]:
-            return {n: v * masks[n] if n in masks else v for n, v in values.items()}
-
         if self.probe == "gaussian":
             u = {n: torch.randn(p.shape, generator=generator, device=p.device) for n, p in params.items()}
         else:
             real = {self._real[n]: p for n, p in params.items()}
             grads = loss_gradient(context.model, real, x, y, context.loss_fn)
             u = {n: grads[self._real[n]].float() for n in params}
-        u = masked(u)
+        u = _masked(u, masks)
         with torch.no_grad():
-            w = masked(self._q(u))
+            w = _masked(self._q(u), masks)
         real_w = {self._real[n]: w[n] for n in params}
         fw_real = fisher_vector_product(
             context.model, {self._real[n]: p for n, p in params.items()}, x, real_w, self.fvp, generator, self.fd_eps
         )
         fw = {n: fw_real[self._real[n]].float() for n in params}
-        h = masked({n: fw[n] + self.damping * w[n] - u[n] for n in params})
-        active = sum(int(masks[n].sum()) if n in masks else p.numel() for n, p in params.items())
-        aux = float(sum(0.5 * (w[n] * (fw[n] + self.damping * w[n])).sum() - (u[n] * w[n]).sum() for n in params)) / active
+        h = _masked({n: fw[n] + self.damping * w[n] - u[n] for n in params}, masks)
+        terms = sum(0.5 * (w[n] * (fw[n] + self.damping * w[n])).sum() - (u[n] * w[n]).sum() for n in params)
+        return u, w, h, float(terms) / _active(params, masks)
+
+    def _update(self, context: FisherContext, x: Tensor, y: Tensor) -> float:
+        """One Adam step on λ; returns the auxiliary loss A per active coordinate (before the step)."""
+        assert self._adam is not None
+        params = self._params(context)
+        masks = self._masks(context, params)
+        generator = self._generator(params, salt=self.updates)
+        u, w, h, aux = self._probe_terms(context, x, y, generator, masks)
         if self.precondition:
             with torch.no_grad():
-                a, b = w, masked(self._q(h))
+                a, b = w, _masked(self._q(h), masks)
         else:
             a, b = u, h
         self._adam.zero_grad(set_to_none=True)
         with torch.enable_grad(), torch.inference_mode(False):
             qa = self._q(a)
-            surrogate = sum((qa[n] * b[n]).sum() for n in qa) / active
+            surrogate = sum((qa[n] * b[n]).sum() for n in qa) / _active(params, masks)
             surrogate.backward()
         assert self._holder is not None
         if _distributed():
