@@ -146,7 +146,7 @@ def test_auxiliary_loss_is_a_on_fixed_probes_at_the_exact_fisher_and_changes_not
             assert torch.equal(saved["lambda"][key], now["lambda"][key])
 
 
-def test_auxiliary_loss_falls_to_the_exact_inverse_fishers_as_q_learns():
+def test_auxiliary_loss_falls_to_its_value_at_the_exact_inverse_as_q_learns():
     model, x = _logistic()
     gamma = 0.1
     estimator = FishLegFisher(damping=gamma, lr=3e-3, update_every=None, init="gradients")
