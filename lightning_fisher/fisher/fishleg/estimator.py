@@ -58,6 +58,11 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
 
+def _partial_masks(context: FisherContext, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The pruner's masks (``context.extra["masks"]``) of ``params`` that hold at least one pruned weight."""
+    return {n: m for n, m in context.extra.get("masks", {}).items() if n in params and not bool(m.all())}
+
+
 def _masked(values: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {n: v * masks[n] if n in masks else v for n, v in values.items()}
 
@@ -317,7 +322,8 @@ class FishLegFisher(FisherEstimator):
         _integer("seed", seed, 0)
         self.build(context)
         params = self._params(context)
-        masks = self._masks(context, params)
+        masks = _partial_masks(context, params)
+        active = _active(params, masks)
         device = next(iter(params.values())).device
         losses = []
         for i, (x, y) in enumerate(context.iter_batches()):
@@ -325,7 +331,7 @@ class FishLegFisher(FisherEstimator):
                 break
             # seeds from 2**62 up: a range the learning stream (self._generator) does not reach
             generator = torch.Generator(device=device).manual_seed(2**62 + seed * 1_000_003 + i)
-            losses.append(self._probe_terms(context, x, y, generator, masks)[3])
+            losses.append(self._probe_terms(context, params, x, y, generator, masks)[3] / active)
         if not losses:
             raise ValueError("FishLegFisher.auxiliary_loss: the context's batches are empty")
         return sum(losses) / len(losses)
@@ -491,14 +497,16 @@ class FishLegFisher(FisherEstimator):
         generator.manual_seed((self.seed * 1_000_003 + salt + 1) % (2**63))
         return generator
 
-    def _masks(self, context: FisherContext, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return {n: m for n, m in context.extra.get("masks", {}).items() if n in params and not bool(m.all())}
-
     def _probe_terms(
-        self, context: FisherContext, x: Tensor, y: Tensor, generator: torch.Generator, masks: Mapping[str, Tensor]
+        self,
+        context: FisherContext,
+        params: Mapping[str, Tensor],
+        x: Tensor,
+        y: Tensor,
+        generator: torch.Generator,
+        masks: Mapping[str, Tensor],
     ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor], float]:
-        """Probe u, w = Qu, h = F_γw − u (masked to the survivors) and A(λ; u) per active coordinate."""
-        params = self._params(context)
+        """Probe u, w = Qu, h = F_γw − u (masked to the survivors) and A(λ; u) summed over the coordinates."""
         if self.probe == "gaussian":
             u = {n: torch.randn(p.shape, generator=generator, device=p.device) for n, p in params.items()}
         else:
@@ -515,15 +523,16 @@ class FishLegFisher(FisherEstimator):
         fw = {n: fw_real[self._real[n]].float() for n in params}
         h = _masked({n: fw[n] + self.damping * w[n] - u[n] for n in params}, masks)
         terms = sum(0.5 * (w[n] * (fw[n] + self.damping * w[n])).sum() - (u[n] * w[n]).sum() for n in params)
-        return u, w, h, float(terms) / _active(params, masks)
+        return u, w, h, float(terms)
 
     def _update(self, context: FisherContext, x: Tensor, y: Tensor) -> float:
         """One Adam step on λ; returns the auxiliary loss A per active coordinate (before the step)."""
         assert self._adam is not None
         params = self._params(context)
-        masks = self._masks(context, params)
+        masks = _partial_masks(context, params)
+        active = _active(params, masks)
         generator = self._generator(params, salt=self.updates)
-        u, w, h, aux = self._probe_terms(context, x, y, generator, masks)
+        u, w, h, aux_sum = self._probe_terms(context, params, x, y, generator, masks)
         if self.precondition:
             with torch.no_grad():
                 a, b = w, _masked(self._q(h), masks)
@@ -532,7 +541,7 @@ class FishLegFisher(FisherEstimator):
         self._adam.zero_grad(set_to_none=True)
         with torch.enable_grad(), torch.inference_mode(False):
             qa = self._q(a)
-            surrogate = sum((qa[n] * b[n]).sum() for n in qa) / _active(params, masks)
+            surrogate = sum((qa[n] * b[n]).sum() for n in qa) / active
             surrogate.backward()
         assert self._holder is not None
         if _distributed():
@@ -553,7 +562,7 @@ class FishLegFisher(FisherEstimator):
             for scale, pruned, values in frozen:
                 scale[pruned] = values
         self.updates += 1
-        return aux
+        return aux_sum / active
 
     def __repr__(self) -> str:
         return (
