@@ -46,8 +46,8 @@ The stem conv and the classifier stay dense for every method. Methods:
   ``oneshot`` a second dense model is trained with AdaFisherW, only when ``kronecker`` is asked for);
 * ``fishleg``: ``FisherPruning(criterion="fisher", estimator=FishLegFisher(pretrain_steps=
   --fishleg-pretrain, update_every=--fishleg-update-every), scope="global")`` (FishLeg Surgeon's
-  learned inverse Fisher Q, default conv_form, damping ``--fishleg-damping`` and Adam's learning rate on λ
-  ``--fishleg-lr``, or the defaults; scored
+  learned inverse Fisher Q, default conv_form, damping ``--fishleg-damping``, Adam's learning rate on λ
+  ``--fishleg-lr`` and Fisher-vector product ``--fishleg-fvp``, or the defaults; scored
   with the diagonal Fisher Q implies, θ²F/2, no compensation). Q starts from AdamW's second moment
   and learns every ``update_every`` steps during training (gradual only) and ``pretrain_steps`` times
   before its first prune;
@@ -100,6 +100,7 @@ from torch.nn.utils import prune as torch_prune
 from lightning_fisher.callbacks import FisherPruning
 from lightning_fisher.data import CIFAR10DataModule
 from lightning_fisher.fisher import EmpiricalFisher, FisherContext, FisherEstimator, FishLegFisher, KroneckerFisher, Squisher
+from lightning_fisher.fisher.fishleg import FVP_METHODS
 from lightning_fisher.models import ResNet18
 from lightning_fisher.module import ImageClassifier
 from lightning_fisher.optim import AdaFisherW
@@ -166,9 +167,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "the Fisher's scale to set it against")
     parser.add_argument("--fishleg-lr", type=float, default=None,
                         help="FishLegFisher lr: Adam's learning rate on λ (default: FishLegFisher's)")
+    parser.add_argument("--fishleg-fvp", choices=FVP_METHODS, default=None,
+                        help="FishLegFisher fvp: the Fisher-vector product Q learns with (default: FishLegFisher's)")
     parser.add_argument("--fishleg-heldout", type=int, default=0,
-                        help="oneshot: FishLeg's held-out auxiliary loss (FishLegFisher.auxiliary_loss) on this many "
-                             "unaugmented training batches, before and after Q learns (0 = off)")
+                        help="oneshot: FishLeg's held-out auxiliary loss (FishLegFisher.auxiliary_loss, measured with "
+                             "the exact batch Fisher, fvp='ggn') on this many unaugmented training batches, before and "
+                             "after Q learns (0 = off)")
     parser.add_argument("--obs-iterations", type=int, default=0,
                         help="FisherPruning obs_iterations of fishleg_obs: 0 = independent-weights OBS update, "
                              "k > 0 = the joint update by at most k conjugate-gradient steps")
@@ -265,9 +269,9 @@ def lightning_amount(final: float, start: int, end: int) -> Callable[[int], floa
 
 
 def fishleg_estimator(args: argparse.Namespace) -> FishLegFisher:
-    """``FishLegFisher`` with the sweep's ``pretrain_steps``, ``update_every``, damping and lr (``--fishleg-damping``,
-    ``--fishleg-lr``, else its defaults), default conv_form."""
-    given = {"damping": args.fishleg_damping, "lr": args.fishleg_lr}
+    """``FishLegFisher`` with the sweep's ``pretrain_steps``, ``update_every``, damping, lr and product
+    (``--fishleg-damping``, ``--fishleg-lr``, ``--fishleg-fvp``, else its defaults), default conv_form."""
+    given = {"damping": args.fishleg_damping, "lr": args.fishleg_lr, "fvp": args.fishleg_fvp}
     chosen = {name: value for name, value in given.items() if value is not None}
     return FishLegFisher(pretrain_steps=args.fishleg_pretrain, update_every=args.fishleg_update_every, **chosen)
 
@@ -495,7 +499,7 @@ def estimate(method: str, dense: Dense, data: CIFAR10DataModule, args: argparse.
         # unaugmented batches: the same inputs before and after learning (common random numbers)
         heldout = FisherContext(model=dense.net, parameters=context.parameters, optimizer=dense.optimizer,
                                 batches=_batches(data, dense.device, train=False), batch_size=args.batch_size)
-        initial = estimator.auxiliary_loss(heldout, batches=args.fishleg_heldout)
+        initial = estimator.auxiliary_loss(heldout, batches=args.fishleg_heldout, fvp="ggn")
     start = time.perf_counter()
     if compensate:
         inverse_diag = estimator.inverse_diagonal(context)
@@ -510,7 +514,7 @@ def estimate(method: str, dense: Dense, data: CIFAR10DataModule, args: argparse.
     if isinstance(estimator, FishLegFisher):
         inputs.extra["fishleg_updates"] = estimator.updates
         if heldout is not None:
-            learned = estimator.auxiliary_loss(heldout, batches=args.fishleg_heldout)
+            learned = estimator.auxiliary_loss(heldout, batches=args.fishleg_heldout, fvp="ggn")
             inputs.extra["heldout_aux"] = f"{initial:.5f} -> {learned:.5f}"
     dense.net.load_state_dict(saved)
     dense.net.eval()

@@ -112,6 +112,7 @@ def test_fisher_scale(sweep: ModuleType) -> None:
     ["--fishleg-damping", "0"],
     ["--fishleg-lr", "0"],
     ["--fishleg-lr", "inf"],
+    ["--fishleg-fvp", "exact"],
     ["--obs-iterations", "-1"],
     ["--fishleg-heldout", "-1", "--mode", "oneshot"],
     ["--fishleg-heldout", "2"],  # gradual: Q learns during training, no before/after
@@ -161,11 +162,13 @@ def test_format_table(sweep: ModuleType) -> None:
 @pytest.mark.parametrize(("method", "compensate"), [("fishleg", False), ("fishleg_obs", True)])
 @pytest.mark.parametrize("target", ["0.9", "2:4"])
 def test_fishleg_callbacks(sweep: ModuleType, method: str, compensate: bool, target: str) -> None:
-    args = sweep.parse_args(["--fishleg-pretrain", "7", "--fishleg-update-every", "4", "--fishleg-lr", "3e-4"])
+    args = sweep.parse_args(["--fishleg-pretrain", "7", "--fishleg-update-every", "4", "--fishleg-lr", "3e-4",
+                             "--fishleg-fvp", "ggn"])
     model = sweep._model(method, sweep.parse_args(["--width", "4"]))
     (callback,) = sweep._callbacks(method, target, model, args)
     assert isinstance(callback, FisherPruning) and isinstance(callback.estimator, FishLegFisher)
-    assert (callback.estimator.pretrain_steps, callback.estimator.update_every, callback.estimator.lr) == (7, 4, 3e-4)
+    estimator = callback.estimator
+    assert (estimator.pretrain_steps, estimator.update_every, estimator.lr, estimator.fvp) == (7, 4, 3e-4, "ggn")
     assert callback.pruner.compensate is compensate and callback.pruner.scope == "global"
     assert callback.pattern == ("unstructured" if target == "0.9" else "2:4")
     assert callback.pruner.target_sparsity == (0.9 if target == "0.9" else 0.5)

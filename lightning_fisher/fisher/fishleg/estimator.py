@@ -131,7 +131,8 @@ class FishLegFisher(FisherEstimator):
             during training (only ``pretrain_steps``).
         pretrain_steps: auxiliary updates at the first prune, before Q is used (≥ 0).
         probe: ``"gaussian"`` (u ~ N(0, I)) or ``"gradient"`` (the training-loss gradient).
-        fvp: ``"finite_difference"`` or ``"rank1"`` Fisher-vector products (see :mod:`.products`).
+        fvp: ``"finite_difference"``, ``"rank1"`` (labels sampled from the model) or ``"ggn"`` (exact on
+            the batch, positive semi-definite) Fisher-vector products (see :mod:`.products`).
         fd_eps: the relative finite-difference step (> 0).
         precondition: precondition the auxiliary gradient by Q (FishLeg Surgeon).
         init: ``"auto"``, ``"squisher"`` (fail without Adam-family state), ``"gradients"``, or
@@ -303,7 +304,7 @@ class FishLegFisher(FisherEstimator):
             losses.append(self._update(context, batch[0], batch[1]))
         return losses
 
-    def auxiliary_loss(self, context: FisherContext, batches: int = 8, seed: int = 0) -> float:
+    def auxiliary_loss(self, context: FisherContext, batches: int = 8, seed: int = 0, fvp: FvpMethod | None = None) -> float:
         """A(λ; u) per active coordinate, averaged over the first ``batches`` of the context's batches.
 
         A held-out measure of how close Q is to F_γ⁻¹: E_u[A] = ½tr(QF_γQ) − tr(Q) is minimal at
@@ -315,11 +316,20 @@ class FishLegFisher(FisherEstimator):
         it to the survivors, as in learning. With ``probe="gradient"`` the probes are the batches'
         training-loss gradients instead, and A then weighs the directions gradients take.
 
+        ``fvp`` picks the Fisher-vector product (default: the estimator's own). ``"ggn"`` measures with
+        the exact Fisher of each batch, positive semi-definite, so A ≥ −‖u‖²/2γ on every probe; the
+        sampled-label products are unbiased but a single draw can have negative curvature, and a Q
+        that grows along such a direction then scores lower without being closer.
+
         Raises:
-            ValueError: ``batches`` < 1 or ``seed`` < 0 (naming the value), or no batches in the context.
+            ValueError: ``batches`` < 1, ``seed`` < 0 or an unknown ``fvp`` (naming the value), or no
+                batches in the context.
         """
         _integer("batches", batches, 1)
         _integer("seed", seed, 0)
+        fvp = self.fvp if fvp is None else fvp
+        if fvp not in FVP_METHODS:
+            raise ValueError(f"fvp={fvp!r}: must be one of {FVP_METHODS}")
         self.build(context)
         params = self._params(context)
         masks = _partial_masks(context, params)
@@ -331,7 +341,7 @@ class FishLegFisher(FisherEstimator):
                 break
             # seeds from 2**62 up: a range the learning stream (self._generator) does not reach
             generator = torch.Generator(device=device).manual_seed(2**62 + seed * 1_000_003 + i)
-            losses.append(self._probe_terms(context, params, x, y, generator, masks)[3] / active)
+            losses.append(self._probe_terms(context, params, x, y, generator, masks, fvp)[3] / active)
         if not losses:
             raise ValueError("FishLegFisher.auxiliary_loss: the context's batches are empty")
         return sum(losses) / len(losses)
@@ -505,8 +515,11 @@ class FishLegFisher(FisherEstimator):
         y: Tensor,
         generator: torch.Generator,
         masks: Mapping[str, Tensor],
+        fvp: FvpMethod | None = None,
     ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor], float]:
-        """Probe u, w = Qu, h = F_γw − u (masked to the survivors) and A(λ; u) summed over the coordinates."""
+        """Probe u, w = Qu, h = F_γw − u (masked to the survivors) and A(λ; u) summed over the coordinates.
+
+        F·w by ``fvp``, the estimator's own method by default."""
         if self.probe == "gaussian":
             u = {n: torch.randn(p.shape, generator=generator, device=p.device) for n, p in params.items()}
         else:
@@ -518,7 +531,7 @@ class FishLegFisher(FisherEstimator):
             w = _masked(self._q(u), masks)
         real_w = {self._real[n]: w[n] for n in params}
         fw_real = fisher_vector_product(
-            context.model, {self._real[n]: p for n, p in params.items()}, x, real_w, self.fvp, generator, self.fd_eps
+            context.model, {self._real[n]: p for n, p in params.items()}, x, real_w, fvp or self.fvp, generator, self.fd_eps
         )
         fw = {n: fw_real[self._real[n]].float() for n in params}
         h = _masked({n: fw[n] + self.damping * w[n] - u[n] for n in params}, masks)

@@ -1,7 +1,8 @@
 """Fisher-vector products F·v on labels sampled from the model, for FishLeg's auxiliary loss.
 
-F = E_x E_{ŷ~p(·|x)}[g gᵀ] with g = ∇θ(−log p(ŷ|x)). Two estimates on a mini-batch of B inputs,
-labels ŷ drawn once per input from the model's softmax (``torch.multinomial``, a seeded generator):
+F = E_x E_{ŷ~p(·|x)}[g gᵀ] with g = ∇θ(−log p(ŷ|x)). Two estimates on a mini-batch of B inputs with
+labels ŷ drawn once per input from the model's softmax (``torch.multinomial``, a seeded generator), and
+the exact product on the mini-batch, where the expectation over ŷ is taken in closed form:
 
 - ``"finite_difference"``: central differences of the sampled-label gradient,
   F·v ≈ [ḡ(θ + εv) − ḡ(θ − εv)] / 2ε, with ḡ the batch-mean gradient at the fixed labels ŷ. This is
@@ -11,6 +12,13 @@ labels ŷ drawn once per input from the model's softmax (``torch.multinomial``, 
 - ``"rank1"``: F·v ≈ B · ḡ (ḡᵀv), ḡ the batch-mean sampled-label gradient. Unbiased (per-sample
   gradients at sampled labels have zero mean, so cross terms vanish in expectation) but noisy; one
   forward and one backward.
+- ``"ggn"``: F·v = (1/B) Σ_i J_iᵀ (diag p_i − p_i p_iᵀ) J_i v, J_i the Jacobian of input i's logits and
+  p_i its softmax: for softmax cross-entropy the Fisher is the generalised Gauss-Newton matrix
+  (Schraudolph 2002; Martens 2014, "New insights and perspectives on the natural gradient method"). No
+  labels are drawn, and the estimate is positive semi-definite on every batch. The sampled-label
+  Hessian of ``"finite_difference"`` is not: with a damping γ below the size of its negative
+  eigenvalues the auxiliary loss of a batch is unbounded below. One forward-mode and one reverse-mode
+  pass (``torch.func.jvp``, ``torch.func.vjp``).
 
 The model runs in eval mode during a product (BatchNorm uses its running statistics and keeps them,
 dropout is off) and the parameters are never modified: perturbed copies go through
@@ -38,8 +46,8 @@ __all__ = [
     "sampled_squared_gradient",
 ]
 
-FvpMethod = Literal["finite_difference", "rank1"]
-FVP_METHODS: tuple[str, ...] = ("finite_difference", "rank1")
+FvpMethod = Literal["finite_difference", "rank1", "ggn"]
+FVP_METHODS: tuple[str, ...] = ("finite_difference", "rank1", "ggn")
 
 
 @contextlib.contextmanager
@@ -90,6 +98,8 @@ def fisher_vector_product(
     """
     if method not in FVP_METHODS:
         raise ValueError(f"method={method!r}: must be one of {FVP_METHODS}")
+    if method == "ggn":
+        return _ggn_vector_product(model, params, x, vectors)
     with eval_mode(model):
         with torch.no_grad():
             labels = sample_labels(model(x), generator)
@@ -109,6 +119,25 @@ def fisher_vector_product(
         plus = _gradients(model, {n: p.detach() + eps * vectors[n] for n, p in params.items()}, x, loss)
         minus = _gradients(model, {n: p.detach() - eps * vectors[n] for n, p in params.items()}, x, loss)
         return {n: (plus[n] - minus[n]) / (2 * eps) for n in params}
+
+
+def _ggn_vector_product(
+    model: nn.Module, params: Mapping[str, Tensor], x: Tensor, vectors: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    """(1/B) Σ_i J_iᵀ (diag p_i − p_i p_iᵀ) J_i v: the exact Fisher-vector product of softmax outputs."""
+    primals = {n: p.detach() for n, p in params.items()}
+    tangents = {n: vectors[n].to(p.dtype) for n, p in primals.items()}
+
+    def logits_of(values: dict[str, Tensor]) -> Tensor:
+        return functional_call(model, values, (x,), strict=False).float()
+
+    with eval_mode(model):
+        logits, jv = torch.func.jvp(logits_of, (primals,), (tangents,))
+        probs = torch.softmax(logits, dim=-1)
+        hjv = probs * (jv - (probs * jv).sum(dim=-1, keepdim=True)) / len(x)
+        _, pullback = torch.func.vjp(logits_of, primals)
+        (product,) = pullback(hjv)
+    return {n: product[n].detach() for n in params}
 
 
 def sampled_squared_gradient(
