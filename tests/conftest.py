@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,6 +13,9 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
+from PIL import Image
+
+from lightning_fisher.data.cifar10 import CIFAR10_CLASSES
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -86,3 +90,30 @@ def trained_mlp() -> Callable[..., tuple[torch.nn.Module, torch.Tensor, torch.Te
         return model, x, y
 
     return _train
+
+
+@pytest.fixture(scope="session")
+def cifar_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``cifar10/{train,test}/<class>/N.jpg`` as in the extracted archive (4 training and 2 test images per
+    class): noisy images, a colour per class, for the benchmark scripts' end-to-end tests."""
+    root = tmp_path_factory.mktemp("sweep_data")
+    generator = torch.Generator().manual_seed(0)
+    for label, name in enumerate(CIFAR10_CLASSES):
+        for split, count in (("train", 4), ("test", 2)):
+            folder = root / "cifar10" / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                base = torch.tensor([20 * label + 10, 128, 255 - 20 * label]).view(1, 1, 3)
+                pixels = (base + torch.randint(-30, 31, (32, 32, 3), generator=generator)).clamp(0, 255)
+                Image.fromarray(pixels.to(torch.uint8).numpy()).save(folder / f"{i}.jpg")
+    return root
+
+
+@pytest.fixture
+def restore_lightning_log_levels() -> Iterator[None]:
+    """The benchmark scripts' main() quietens Lightning's loggers, as a script may; later tests read their INFO lines."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    yield
+    for logger, level in zip(loggers, levels):
+        logger.setLevel(level)

@@ -4,39 +4,26 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import logging
 import math
 import re
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
-from PIL import Image
 
 from lightning_fisher.callbacks import FisherPruning
 from lightning_fisher.data import CIFAR10DataModule
-from lightning_fisher.data.cifar10 import CIFAR10_CLASSES
 from lightning_fisher.fisher import FisherContext, FisherEstimator, FishLegFisher
 from lightning_fisher.pruning.schedules import cubic_sparsity
 from lightning_fisher.sparse import nm_violation
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "sparsity_sweep.py"
-TRAIN_PER_CLASS = 4
-TEST_PER_CLASS = 2
 TINY = ["--width", "4", "--max-per-class", "0", "--batch-size", "20", "--threads", "1"]
 
 
-@pytest.fixture(autouse=True)
-def restore_lightning_log_levels() -> Iterator[None]:
-    """The script's main() quietens Lightning's loggers, as a script may; later tests read their INFO lines."""
-    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
-    levels = [logger.level for logger in loggers]
-    yield
-    for logger, level in zip(loggers, levels):
-        logger.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_lightning_log_levels")
 
 
 @pytest.fixture(scope="module")
@@ -53,22 +40,6 @@ def sweep() -> ModuleType:
     finally:
         sys.modules.pop(spec.name, None)
         torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def cifar_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``cifar10/{train,test}/<class>/N.jpg`` as in the extracted archive; noisy images, a colour per class."""
-    root = tmp_path_factory.mktemp("sweep_data")
-    generator = torch.Generator().manual_seed(0)
-    for label, name in enumerate(CIFAR10_CLASSES):
-        for split, count in (("train", TRAIN_PER_CLASS), ("test", TEST_PER_CLASS)):
-            folder = root / "cifar10" / split / name
-            folder.mkdir(parents=True)
-            for i in range(count):
-                base = torch.tensor([20 * label + 10, 128, 255 - 20 * label]).view(1, 1, 3)
-                pixels = (base + torch.randint(-30, 31, (32, 32, 3), generator=generator)).clamp(0, 255)
-                Image.fromarray(pixels.to(torch.uint8).numpy()).save(folder / f"{i}.jpg")
-    return root
 
 
 # ------------------------------------------------------------------------------------------ arguments
