@@ -47,7 +47,8 @@ The stem conv and the classifier stay dense for every method. Methods:
 * ``fishleg``: ``FisherPruning(criterion="fisher", estimator=FishLegFisher(pretrain_steps=
   --fishleg-pretrain, update_every=--fishleg-update-every), scope="global")`` (FishLeg Surgeon's
   learned inverse Fisher Q, default conv_form, damping ``--fishleg-damping``, Adam's learning rate on λ
-  ``--fishleg-lr`` and Fisher-vector product ``--fishleg-fvp``, or the defaults; scored
+  ``--fishleg-lr`` and Fisher-vector product ``--fishleg-fvp``, or the defaults, and with ``--fishleg-refresh``
+  its diagonal rescaled to the current Fisher at every prune; scored
   with the diagonal Fisher Q implies, θ²F/2, no compensation). Q starts from AdamW's second moment
   and learns every ``update_every`` steps during training (gradual only) and ``pretrain_steps`` times
   before its first prune;
@@ -169,6 +170,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="FishLegFisher lr: Adam's learning rate on λ (default: FishLegFisher's)")
     parser.add_argument("--fishleg-fvp", choices=FVP_METHODS, default=None,
                         help="FishLegFisher fvp: the Fisher-vector product Q learns with (default: FishLegFisher's)")
+    parser.add_argument("--fishleg-refresh", action="store_true",
+                        help="FishLegFisher refresh_diagonal=True: Q's diagonal rescaled to the current Fisher at every prune")
     parser.add_argument("--fishleg-heldout", type=int, default=0,
                         help="oneshot: FishLeg's held-out auxiliary loss (FishLegFisher.auxiliary_loss, measured with "
                              "the exact batch Fisher, fvp='ggn') on this many unaugmented training batches, before and "
@@ -270,10 +273,12 @@ def lightning_amount(final: float, start: int, end: int) -> Callable[[int], floa
 
 def fishleg_estimator(args: argparse.Namespace) -> FishLegFisher:
     """``FishLegFisher`` with the sweep's ``pretrain_steps``, ``update_every``, damping, lr and product
-    (``--fishleg-damping``, ``--fishleg-lr``, ``--fishleg-fvp``, else its defaults), default conv_form."""
+    (``--fishleg-damping``, ``--fishleg-lr``, ``--fishleg-fvp``, else its defaults), ``refresh_diagonal``
+    (``--fishleg-refresh``), default conv_form."""
     given = {"damping": args.fishleg_damping, "lr": args.fishleg_lr, "fvp": args.fishleg_fvp}
     chosen = {name: value for name, value in given.items() if value is not None}
-    return FishLegFisher(pretrain_steps=args.fishleg_pretrain, update_every=args.fishleg_update_every, **chosen)
+    return FishLegFisher(pretrain_steps=args.fishleg_pretrain, update_every=args.fishleg_update_every,
+                         refresh_diagonal=args.fishleg_refresh, **chosen)
 
 
 def fisher_scale(diagonal: dict[str, Tensor], name: str = "F") -> str:

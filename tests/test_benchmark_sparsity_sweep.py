@@ -134,12 +134,13 @@ def test_format_table(sweep: ModuleType) -> None:
 @pytest.mark.parametrize("target", ["0.9", "2:4"])
 def test_fishleg_callbacks(sweep: ModuleType, method: str, compensate: bool, target: str) -> None:
     args = sweep.parse_args(["--fishleg-pretrain", "7", "--fishleg-update-every", "4", "--fishleg-lr", "3e-4",
-                             "--fishleg-fvp", "ggn"])
+                             "--fishleg-fvp", "ggn", "--fishleg-refresh"])
     model = sweep._model(method, sweep.parse_args(["--width", "4"]))
     (callback,) = sweep._callbacks(method, target, model, args)
     assert isinstance(callback, FisherPruning) and isinstance(callback.estimator, FishLegFisher)
     estimator = callback.estimator
     assert (estimator.pretrain_steps, estimator.update_every, estimator.lr, estimator.fvp) == (7, 4, 3e-4, "ggn")
+    assert estimator.refresh_diagonal and not sweep.fishleg_estimator(sweep.parse_args([])).refresh_diagonal
     assert callback.pruner.compensate is compensate and callback.pruner.scope == "global"
     assert callback.pattern == ("unstructured" if target == "0.9" else "2:4")
     assert callback.pruner.target_sparsity == (0.9 if target == "0.9" else 0.5)

@@ -381,6 +381,62 @@ def test_init_reads_the_squisher_from_adam_and_gradients_otherwise():
         FishLegFisher(init="squisher").build(_context(model, x, y, optimizer=sgd, batch_size=64))
 
 
+def test_refresh_diagonal_follows_the_current_fisher_and_keeps_the_learned_correlations():
+    model, x = _logistic()
+    y = torch.randint(0, C, (N,))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    def train(steps: int) -> None:
+        for i in range(steps):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x[i % 8 * 64 : (i % 8 + 1) * 64]), y[i % 8 * 64 : (i % 8 + 1) * 64]).backward()
+            optimizer.step()
+
+    train(3)
+    context = _context(model, x, y, optimizer=optimizer, batch_size=64)
+    refreshed = FishLegFisher(damping=0.1, update_every=None, refresh_diagonal=True)
+    plain = FishLegFisher(damping=0.1, update_every=None)
+    for estimator in (refreshed, plain):
+        estimator.build(context)
+        estimator.pretrain(context, 20)  # the same updates: λ learns the same correlations in both
+    (form,) = refreshed.forms
+
+    def correlations(q: Tensor) -> Tensor:
+        return q / torch.outer(q.diagonal(), q.diagonal()).sqrt()
+
+    learned = form.materialise().detach()
+    train(20)  # the network moves on: Adam's second moment changes
+    everything = _context(model, x, y, optimizer=optimizer, batch_size=64)
+    everything.parameters.update(model.named_parameters())
+    expected = {n: 1 / (f + 0.1) for n, f in Squisher().diagonal(everything).items()}
+    got = refreshed.inverse_diagonal(context)
+    torch.testing.assert_close(got["0.weight"], expected["0.weight"])
+    torch.testing.assert_close(refreshed._diag()["0.bias"], expected["0.bias"])  # the coupled bias too
+    torch.testing.assert_close(correlations(form.materialise().detach()), correlations(learned))
+    # without the refresh the diagonal is still the learned one, not the current Fisher's
+    assert not torch.allclose(plain.inverse_diagonal(context)["0.weight"], expected["0.weight"], rtol=0.05)
+    torch.testing.assert_close(plain.forms[0].materialise().detach(), learned)
+
+
+def test_refresh_diagonal_leaves_pruned_coordinates_alone(trained_mlp):
+    model, x, y = trained_mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    context = _context(model, x, y, optimizer=optimizer, batch_size=64)
+    estimator = FishLegFisher(damping=0.1, update_every=None, refresh_diagonal=True)
+    estimator.pretrain(context, 5)
+    mask = torch.rand(model[0].weight.shape, generator=torch.Generator().manual_seed(0)) > 0.5
+    context.extra["masks"] = {"0.weight": mask}
+    scale = estimator._where["0.weight"][0].scales[0]
+    before = scale.detach().clone()
+    diagonal = estimator.inverse_diagonal(context)["0.weight"]
+    assert torch.equal(scale.detach()[~mask], before[~mask])
+    expected = 1 / (Squisher().diagonal(context)["0.weight"] + 0.1)
+    torch.testing.assert_close(diagonal[mask], expected[mask])
+
+
 def test_other_layer_types_fall_back_to_diagonal_with_one_warning():
     model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Flatten(), nn.Linear(6, 3), nn.Unflatten(1, (3, 1)), nn.Conv1d(3, 3, 1), nn.Flatten())
     x = torch.randn(16, 2, 4)
@@ -568,6 +624,7 @@ def test_all_names_resolve():
         (dict(init_batches=0), r"init_batches=0: must be an integer >= 1"),
         (dict(seed=-1), r"seed=-1: must be an integer >= 0"),
         (dict(floor=0.0), r"floor=0.0: must be a positive finite number"),
+        (dict(refresh_diagonal=True, init="identity"), r"refresh_diagonal=True with init='identity'"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, match):

@@ -140,6 +140,13 @@ class FishLegFisher(FisherEstimator):
         init_batches: batches averaged for ``init="gradients"`` (≥ 1).
         floor: lower bound of :meth:`inverse_diagonal` (> 0), so OBS scores stay finite.
         seed: base seed of probes and sampled labels (≥ 0).
+        refresh_diagonal: before every read of Q's diagonal (each prune), rescale D so that
+            diag(Q) = 1/(F̂ + γ) with F̂ the current diagonal Fisher, from the same source as Q₀ (the
+            optimizer's second moment, else ``init_batches`` sampled-gradient batches). D_q is multiplied
+            by √(target_q / Q_qq), so the correlations Q_ij/√(Q_ii Q_jj) that FishLeg learned are kept and
+            only each weight's own scale follows the network as it trains and loses weights; pruned
+            coordinates keep theirs. Without it Q's diagonal is the one of the first prune, moved only
+            by the auxiliary updates. Needs ``init`` other than ``"identity"``.
         agreement_samples: entries subsampled for the ``fishleg/diag_agreement`` metric (≥ 0; 0 = off).
 
     Raises:
@@ -169,6 +176,7 @@ class FishLegFisher(FisherEstimator):
         init_batches: int = 4,
         floor: float = 1e-12,
         seed: int = 0,
+        refresh_diagonal: bool = False,
         agreement_samples: int = 100_000,
     ) -> None:
         self.damping = _positive("damping", damping)
@@ -184,6 +192,8 @@ class FishLegFisher(FisherEstimator):
         self.fd_eps = _positive("fd_eps", fd_eps)
         if init not in INITS:
             raise ValueError(f"init={init!r}: must be one of {INITS}")
+        if refresh_diagonal and init == "identity":
+            raise ValueError("refresh_diagonal=True with init='identity': the identity has no Fisher to refresh from")
         self.init_batches = _integer("init_batches", init_batches, 1)
         self.floor = _positive("floor", floor)
         self.seed = _integer("seed", seed, 0)
@@ -192,6 +202,7 @@ class FishLegFisher(FisherEstimator):
         self.probe = probe
         self.fvp = fvp
         self.precondition = bool(precondition)
+        self.refresh_diagonal = bool(refresh_diagonal)
         self.init = init
         self.updates = 0
         self.pretrained = False
@@ -247,8 +258,12 @@ class FishLegFisher(FisherEstimator):
         return {n: (1.0 / q - self.damping).clamp_min_(0.0) for n, q in self.inverse_diagonal(context).items()}
 
     def inverse_diagonal(self, context: FisherContext) -> dict[str, Tensor]:
-        """diag(Q) for the parameters of ``context`` (closed form), floored at ``floor``."""
+        """diag(Q) for the parameters of ``context`` (closed form), floored at ``floor``.
+
+        With ``refresh_diagonal`` the scales D are first rescaled to the current Fisher (see the class)."""
         self._ready(context)
+        if self.refresh_diagonal:
+            self._rescale_diagonal(context)
         diag = self._diag()
         return {n: diag[n].clamp_min(self.floor) for n in context.parameters}
 
@@ -501,6 +516,19 @@ class FishLegFisher(FisherEstimator):
                 s /= torch.distributed.get_world_size()
         return {n: 1.0 / (sums[self._real[n]] / count + self.damping) for n in params}
 
+    @torch.no_grad()
+    def _rescale_diagonal(self, context: FisherContext) -> None:
+        """D_q ← D_q·√(target_q / Q_qq), target = 1/(F̂ + γ) now; pruned coordinates untouched."""
+        target = self._initial_inverse_diagonal(context)
+        current = self._diag()
+        masks = _partial_masks(context, self._params(context))
+        for form in self.forms:
+            for name, scale in zip(form.names, form.coordinate_scales()):
+                ratio = (target[name].to(scale) / current[name].clamp_min(self.floor)).sqrt()
+                if name in masks:
+                    ratio = torch.where(masks[name].to(scale.device), ratio, torch.ones_like(ratio))
+                scale.mul_(ratio)
+
     def _generator(self, params: Mapping[str, Tensor], salt: int) -> torch.Generator:
         device = next(iter(params.values())).device
         generator = torch.Generator(device=device)
@@ -581,5 +609,6 @@ class FishLegFisher(FisherEstimator):
         return (
             f"FishLegFisher(damping={self.damping:g}, conv_form={self.conv_form!r}, lr={self.lr:g}, "
             f"update_every={self.update_every}, pretrain_steps={self.pretrain_steps}, probe={self.probe!r}, "
-            f"fvp={self.fvp!r}, precondition={self.precondition}, init={self.init!r})"
+            f"fvp={self.fvp!r}, precondition={self.precondition}, init={self.init!r}, "
+            f"refresh_diagonal={self.refresh_diagonal})"
         )

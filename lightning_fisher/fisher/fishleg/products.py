@@ -1,4 +1,4 @@
-"""Fisher-vector products F·v on labels sampled from the model, for FishLeg's auxiliary loss.
+"""Fisher-vector products F·v for FishLeg's auxiliary loss: on labels sampled from the model, or exact (GGN).
 
 F = E_x E_{ŷ~p(·|x)}[g gᵀ] with g = ∇θ(−log p(ŷ|x)). Two estimates on a mini-batch of B inputs with
 labels ŷ drawn once per input from the model's softmax (``torch.multinomial``, a seeded generator), and
