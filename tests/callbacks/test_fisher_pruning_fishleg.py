@@ -88,9 +88,9 @@ def _fit(module: L.LightningModule, data: L.LightningDataModule, callbacks: list
     return trainer
 
 
-def _fishleg_pruning() -> FisherPruning:
+def _fishleg_pruning(**options: Any) -> FisherPruning:
     return FisherPruning(
-        estimator=FishLegFisher(update_every=2, pretrain_steps=4),
+        estimator=FishLegFisher(update_every=2, pretrain_steps=4, **options),
         compensate=True,
         target_sparsity=0.8,
         start_epoch=2,
@@ -112,10 +112,11 @@ def test_start_from_a_dense_checkpoint(tmp_path, make_module, make_digits):
     assert trainer.global_step == 20 and estimator.updates == 6 + 4
 
 
-def test_resume_continues_q_exactly(tmp_path, make_module, make_digits):
+@pytest.mark.parametrize("options", [{}, {"fvp": "ggn", "refresh_diagonal": True}], ids=["default", "ggn_refresh"])
+def test_resume_continues_q_exactly(tmp_path, make_module, make_digits, options):
     def run(root: Path, epochs: int, ckpt_path: str | None = None) -> FisherPruning:
         L.seed_everything(0)
-        pruning = _fishleg_pruning()
+        pruning = _fishleg_pruning(**options)
         _fit(make_module(partial(torch.optim.AdamW, lr=1e-2)), make_digits(), [pruning], root, epochs, ckpt_path)
         return pruning
 
@@ -144,3 +145,6 @@ def test_fishleg_recipe_composes_and_builds(compose_config):
     assert default.pruning.compensate is True and default.optimizer._target_ == "torch.optim.AdamW"
     joint = compose_config("recipe=cifar10_resnet18_fishleg95", "pruning.obs_iterations=20")
     assert instantiate(joint.pruning, estimator=estimator).pruner.obs_iterations == 20
+    # the overrides conf/fisher/fishleg.yaml suggests for small dampings
+    exact = instantiate(compose_config("recipe=cifar10_resnet18_fishleg95", "+fisher.fvp=ggn", "+fisher.refresh_diagonal=true").fisher)
+    assert exact.fvp == "ggn" and exact.refresh_diagonal is True
