@@ -145,7 +145,7 @@ def test_sampled_label_products_average_to_the_ggn_product_where_one_draw_is_ind
     curvatures = torch.stack([(d * _flat(v)).sum() for d in draws])
     assert float(exact @ _flat(v)) > 0
     assert float(curvatures.min()) < 0
-    # the GGN is positive semi-definite in every direction
+    # the GGN is positive semi-definite: no random direction has negative curvature
     for _ in range(20):
         w = {n: torch.randn(p.shape, generator=generator) for n, p in params.items()}
         assert float(_flat(fisher_vector_product(model, params, x, w, "ggn")) @ _flat(w)) >= 0
