@@ -44,6 +44,12 @@ def _integer(name: str, value: Any, minimum: int) -> int:
     return value
 
 
+def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> Any:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r}: must be one of {allowed}")
+    return value
+
+
 def _to_cpu(value: Any) -> Any:
     if isinstance(value, Tensor):
         return value.detach().cpu().clone()
@@ -180,18 +186,14 @@ class FishLegFisher(FisherEstimator):
         agreement_samples: int = 100_000,
     ) -> None:
         self.damping = _positive("damping", damping)
-        if conv_form not in CONV_FORMS:
-            raise ValueError(f"conv_form={conv_form!r}: must be one of {CONV_FORMS}")
+        _one_of("conv_form", conv_form, CONV_FORMS)
         self.lr = _positive("lr", lr)
         self.update_every = None if update_every is None else _integer("update_every", update_every, 1)
         self.pretrain_steps = _integer("pretrain_steps", pretrain_steps, 0)
-        if probe not in PROBES:
-            raise ValueError(f"probe={probe!r}: must be one of {PROBES}")
-        if fvp not in FVP_METHODS:
-            raise ValueError(f"fvp={fvp!r}: must be one of {FVP_METHODS}")
+        _one_of("probe", probe, PROBES)
+        _one_of("fvp", fvp, FVP_METHODS)
         self.fd_eps = _positive("fd_eps", fd_eps)
-        if init not in INITS:
-            raise ValueError(f"init={init!r}: must be one of {INITS}")
+        _one_of("init", init, INITS)
         if refresh_diagonal and init == "identity":
             raise ValueError("refresh_diagonal=True with init='identity': the identity has no Fisher to refresh from")
         self.init_batches = _integer("init_batches", init_batches, 1)
@@ -342,9 +344,7 @@ class FishLegFisher(FisherEstimator):
         """
         _integer("batches", batches, 1)
         _integer("seed", seed, 0)
-        fvp = self.fvp if fvp is None else fvp
-        if fvp not in FVP_METHODS:
-            raise ValueError(f"fvp={fvp!r}: must be one of {FVP_METHODS}")
+        fvp = self.fvp if fvp is None else _one_of("fvp", fvp, FVP_METHODS)
         self.build(context)
         params = self._params(context)
         masks = _partial_masks(context, params)
@@ -543,11 +543,10 @@ class FishLegFisher(FisherEstimator):
         y: Tensor,
         generator: torch.Generator,
         masks: Mapping[str, Tensor],
-        fvp: FvpMethod | None = None,
+        fvp: FvpMethod,
     ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor], float]:
-        """Probe u, w = Qu, h = F_γw − u (masked to the survivors) and A(λ; u) summed over the coordinates.
-
-        F·w by ``fvp``, the estimator's own method by default."""
+        """Probe u, w = Qu, h = F_γw − u (masked to the survivors, F·w by ``fvp``) and A(λ; u) summed over
+        the coordinates."""
         if self.probe == "gaussian":
             u = {n: torch.randn(p.shape, generator=generator, device=p.device) for n, p in params.items()}
         else:
@@ -559,7 +558,7 @@ class FishLegFisher(FisherEstimator):
             w = _masked(self._q(u), masks)
         real_w = {self._real[n]: w[n] for n in params}
         fw_real = fisher_vector_product(
-            context.model, {self._real[n]: p for n, p in params.items()}, x, real_w, fvp or self.fvp, generator, self.fd_eps
+            context.model, {self._real[n]: p for n, p in params.items()}, x, real_w, fvp, generator, self.fd_eps
         )
         fw = {n: fw_real[self._real[n]].float() for n in params}
         h = _masked({n: fw[n] + self.damping * w[n] - u[n] for n in params}, masks)
@@ -573,7 +572,7 @@ class FishLegFisher(FisherEstimator):
         masks = _partial_masks(context, params)
         active = _active(params, masks)
         generator = self._generator(params, salt=self.updates)
-        u, w, h, aux_sum = self._probe_terms(context, params, x, y, generator, masks)
+        u, w, h, aux_sum = self._probe_terms(context, params, x, y, generator, masks, self.fvp)
         if self.precondition:
             with torch.no_grad():
                 a, b = w, _masked(self._q(h), masks)
