@@ -1,5 +1,5 @@
 """FishLeg's learned inverse Fisher: layer forms (:mod:`.forms`), Fisher-vector products on sampled
-labels (:mod:`.products`) and the estimator used by FishLeg Surgeon pruning (:mod:`.estimator`)."""
+labels or exact (:mod:`.products`) and the estimator used by FishLeg Surgeon pruning (:mod:`.estimator`)."""
 
 from lightning_fisher.fisher.fishleg.estimator import INITS, PROBES, FishLegFisher
 from lightning_fisher.fisher.fishleg.forms import (
