@@ -47,8 +47,10 @@ The stem conv and the classifier stay dense for every method. Methods:
 * ``fishleg``: ``FisherPruning(criterion="fisher", estimator=FishLegFisher(pretrain_steps=
   --fishleg-pretrain, update_every=--fishleg-update-every), scope="global")`` (FishLeg Surgeon's
   learned inverse Fisher Q, default conv_form, damping ``--fishleg-damping``, Adam's learning rate on λ
-  ``--fishleg-lr`` and Fisher-vector product ``--fishleg-fvp``, or the defaults, and with ``--fishleg-refresh``
-  its diagonal rescaled to the current Fisher at every prune; scored
+  ``--fishleg-lr`` and Fisher-vector product ``--fishleg-fvp``, or the defaults; with
+  ``--fishleg-relative-damping`` the damping is δ × the mean Fisher; with ``--fishleg-refresh`` its diagonal
+  rescaled to the current Fisher at every prune, matching diag Q or, with ``--fishleg-refresh-match fisher``,
+  the diagonal of the Fisher Q implies; scored
   with the diagonal Fisher Q implies, θ²F/2, no compensation). Q starts from AdamW's second moment
   and learns every ``update_every`` steps during training (gradual only) and ``pretrain_steps`` times
   before its first prune;
@@ -101,7 +103,7 @@ from torch.nn.utils import prune as torch_prune
 from lightning_fisher.callbacks import FisherPruning
 from lightning_fisher.data import CIFAR10DataModule
 from lightning_fisher.fisher import EmpiricalFisher, FisherContext, FisherEstimator, FishLegFisher, KroneckerFisher, Squisher
-from lightning_fisher.fisher.fishleg import FVP_METHODS
+from lightning_fisher.fisher.fishleg import FVP_METHODS, REFRESH_MATCHES
 from lightning_fisher.models import ResNet18
 from lightning_fisher.module import ImageClassifier
 from lightning_fisher.optim import AdaFisherW
@@ -172,6 +174,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="FishLegFisher fvp: the Fisher-vector product Q learns with (default: FishLegFisher's)")
     parser.add_argument("--fishleg-refresh", action="store_true",
                         help="FishLegFisher refresh_diagonal=True: Q's diagonal rescaled to the current Fisher at every prune")
+    parser.add_argument("--fishleg-relative-damping", action="store_true",
+                        help="FishLegFisher relative_damping=True: --fishleg-damping is δ, γ = δ × the mean Fisher of the "
+                             "pruned weights, retaken at every refresh")
+    parser.add_argument("--fishleg-refresh-match", choices=REFRESH_MATCHES, default="inverse",
+                        help="FishLegFisher refresh_match: 'inverse' (diag Q = 1/(F + γ)) or 'fisher' (diag Q⁻¹ = F + γ, "
+                             "keeping the correlations' OBS discount); only with --fishleg-refresh")
     parser.add_argument("--fishleg-heldout", type=int, default=0,
                         help="oneshot: FishLeg's held-out auxiliary loss (FishLegFisher.auxiliary_loss, measured with "
                              "the exact batch Fisher, fvp='ggn') on this many unaugmented training batches, before and "
@@ -216,6 +224,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--fishleg-damping ({args.fishleg_damping}): must be a finite number > 0")
     if args.fishleg_lr is not None and not 0.0 < args.fishleg_lr < float("inf"):
         parser.error(f"--fishleg-lr ({args.fishleg_lr}): must be a finite number > 0")
+    if args.fishleg_refresh_match != "inverse" and not args.fishleg_refresh:
+        parser.error(f"--fishleg-refresh-match {args.fishleg_refresh_match}: only with --fishleg-refresh")
     if args.fishleg_heldout < 0:
         parser.error(f"--fishleg-heldout ({args.fishleg_heldout}): must be >= 0")
     if args.fishleg_heldout and args.mode != "oneshot":
@@ -273,12 +283,14 @@ def lightning_amount(final: float, start: int, end: int) -> Callable[[int], floa
 
 def fishleg_estimator(args: argparse.Namespace) -> FishLegFisher:
     """``FishLegFisher`` with the sweep's ``pretrain_steps``, ``update_every``, damping, lr and product
-    (``--fishleg-damping``, ``--fishleg-lr``, ``--fishleg-fvp``, else its defaults), ``refresh_diagonal``
-    (``--fishleg-refresh``), default conv_form."""
+    (``--fishleg-damping``, ``--fishleg-lr``, ``--fishleg-fvp``, else its defaults), ``relative_damping``
+    (``--fishleg-relative-damping``), ``refresh_diagonal`` (``--fishleg-refresh``), ``refresh_match``
+    (``--fishleg-refresh-match``), default conv_form."""
     given = {"damping": args.fishleg_damping, "lr": args.fishleg_lr, "fvp": args.fishleg_fvp}
     chosen = {name: value for name, value in given.items() if value is not None}
     return FishLegFisher(pretrain_steps=args.fishleg_pretrain, update_every=args.fishleg_update_every,
-                         refresh_diagonal=args.fishleg_refresh, **chosen)
+                         refresh_diagonal=args.fishleg_refresh, relative_damping=args.fishleg_relative_damping,
+                         refresh_match=args.fishleg_refresh_match, **chosen)
 
 
 def fisher_scale(diagonal: dict[str, Tensor], name: str = "F") -> str:

@@ -84,6 +84,8 @@ def test_fisher_scale(sweep: ModuleType) -> None:
     ["--fishleg-lr", "0"],
     ["--fishleg-lr", "inf"],
     ["--fishleg-fvp", "exact"],
+    ["--fishleg-refresh-match", "hessian", "--fishleg-refresh"],
+    ["--fishleg-refresh-match", "fisher"],  # without --fishleg-refresh it would match nothing
     ["--obs-iterations", "-1"],
     ["--fishleg-heldout", "-1", "--mode", "oneshot"],
     ["--fishleg-heldout", "2"],  # gradual: Q learns during training, no before/after
@@ -134,13 +136,17 @@ def test_format_table(sweep: ModuleType) -> None:
 @pytest.mark.parametrize("target", ["0.9", "2:4"])
 def test_fishleg_callbacks(sweep: ModuleType, method: str, compensate: bool, target: str) -> None:
     args = sweep.parse_args(["--fishleg-pretrain", "7", "--fishleg-update-every", "4", "--fishleg-lr", "3e-4",
-                             "--fishleg-fvp", "ggn", "--fishleg-refresh"])
+                             "--fishleg-fvp", "ggn", "--fishleg-refresh", "--fishleg-relative-damping",
+                             "--fishleg-refresh-match", "fisher"])
     model = sweep._model(method, sweep.parse_args(["--width", "4"]))
     (callback,) = sweep._callbacks(method, target, model, args)
     assert isinstance(callback, FisherPruning) and isinstance(callback.estimator, FishLegFisher)
     estimator = callback.estimator
     assert (estimator.pretrain_steps, estimator.update_every, estimator.lr, estimator.fvp) == (7, 4, 3e-4, "ggn")
-    assert estimator.refresh_diagonal and not sweep.fishleg_estimator(sweep.parse_args([])).refresh_diagonal
+    default = sweep.fishleg_estimator(sweep.parse_args([]))
+    assert estimator.refresh_diagonal and not default.refresh_diagonal
+    assert estimator.relative_damping and not default.relative_damping
+    assert (estimator.refresh_match, default.refresh_match) == ("fisher", "inverse")
     assert callback.pruner.compensate is compensate and callback.pruner.scope == "global"
     assert callback.pattern == ("unstructured" if target == "0.9" else "2:4")
     assert callback.pruner.target_sparsity == (0.9 if target == "0.9" else 0.5)

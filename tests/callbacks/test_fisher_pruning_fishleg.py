@@ -112,7 +112,15 @@ def test_start_from_a_dense_checkpoint(tmp_path, make_module, make_digits):
     assert trainer.global_step == 20 and estimator.updates == 6 + 4
 
 
-@pytest.mark.parametrize("options", [{}, {"fvp": "ggn", "refresh_diagonal": True}], ids=["default", "ggn_refresh"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"fvp": "ggn", "refresh_diagonal": True},
+        {"fvp": "ggn", "refresh_diagonal": True, "refresh_match": "fisher", "relative_damping": True, "damping": 1.0},
+    ],
+    ids=["default", "ggn_refresh", "relative_fisher_match"],
+)
 def test_resume_continues_q_exactly(tmp_path, make_module, make_digits, options):
     def run(root: Path, epochs: int, ckpt_path: str | None = None) -> FisherPruning:
         L.seed_everything(0)
@@ -125,7 +133,7 @@ def test_resume_continues_q_exactly(tmp_path, make_module, make_digits, options)
     resumed = run(tmp_path / "c", 5, str(tmp_path / "b" / "ckpt" / "last.ckpt"))
     a, c = uninterrupted.estimator, resumed.estimator
     assert isinstance(a, FishLegFisher) and isinstance(c, FishLegFisher)
-    assert a.updates == c.updates
+    assert a.updates == c.updates and a.gamma == c.gamma
     for fa, fc in zip(a.forms, c.forms):
         for (name, pa), pc in zip(fa.named_parameters(), fc.parameters()):
             torch.testing.assert_close(pa, pc, msg=name)
@@ -148,3 +156,8 @@ def test_fishleg_recipe_composes_and_builds(compose_config):
     # the overrides conf/fisher/fishleg.yaml suggests for small dampings
     exact = instantiate(compose_config("recipe=cifar10_resnet18_fishleg95", "+fisher.fvp=ggn", "+fisher.refresh_diagonal=true").fisher)
     assert exact.fvp == "ggn" and exact.refresh_diagonal is True
+    relative = compose_config(
+        "recipe=cifar10_resnet18_fishleg95", "+fisher.damping=1", "+fisher.relative_damping=true", "+fisher.refresh_match=fisher"
+    )
+    estimator = instantiate(relative.fisher)
+    assert estimator.relative_damping is True and estimator.refresh_match == "fisher" and estimator.damping == 1.0

@@ -380,7 +380,8 @@ def test_init_reads_the_squisher_from_adam_and_gradients_otherwise():
         FishLegFisher(init="squisher").build(_context(model, x, y, optimizer=sgd, batch_size=64))
 
 
-def test_refresh_diagonal_follows_the_current_fisher_and_keeps_the_learned_correlations():
+def _adam_logistic(steps: int = 3):
+    """Logistic regression after ``steps`` Adam steps, and a function that trains it further."""
     model, x = _logistic()
     y = torch.randint(0, C, (N,))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -391,7 +392,12 @@ def test_refresh_diagonal_follows_the_current_fisher_and_keeps_the_learned_corre
             F.cross_entropy(model(x[i % 8 * 64 : (i % 8 + 1) * 64]), y[i % 8 * 64 : (i % 8 + 1) * 64]).backward()
             optimizer.step()
 
-    train(3)
+    train(steps)
+    return model, x, y, optimizer, train
+
+
+def test_refresh_diagonal_follows_the_current_fisher_and_keeps_the_learned_correlations():
+    model, x, y, optimizer, train = _adam_logistic()
     context = _context(model, x, y, optimizer=optimizer, batch_size=64)
     refreshed = FishLegFisher(damping=0.1, update_every=None, refresh_diagonal=True)
     plain = FishLegFisher(damping=0.1, update_every=None)
@@ -434,6 +440,57 @@ def test_refresh_diagonal_leaves_pruned_coordinates_alone(trained_mlp):
     assert torch.equal(scale.detach()[~mask], before[~mask])
     expected = 1 / (Squisher().diagonal(context)["0.weight"] + 0.1)
     torch.testing.assert_close(diagonal[mask], expected[mask])
+
+
+def test_refresh_match_fisher_gives_the_implied_fisher_the_current_diagonal():
+    model, x, y, optimizer, train = _adam_logistic()
+    context = _context(model, x, y, optimizer=optimizer, batch_size=64)
+    estimator = FishLegFisher(damping=0.1, update_every=None, refresh_diagonal=True, refresh_match="fisher")
+    estimator.pretrain(context, 20)
+    (form,) = estimator.forms
+    learned = form.materialise().detach().double()
+    train(20)
+    everything = _context(model, x, y, optimizer=optimizer, batch_size=64)
+    everything.parameters.update(model.named_parameters())
+    squisher = Squisher().diagonal(everything)
+    damped = torch.cat([squisher["0.weight"].flatten(), squisher["0.bias"]]).double() + 0.1
+    got = estimator.inverse_diagonal(context)["0.weight"]
+    q = form.materialise().detach().double()
+    # the Fisher Q implies, Q⁻¹ − γI, has the current diagonal, bias included
+    torch.testing.assert_close(torch.linalg.inv(q).diagonal(), damped, rtol=1e-4, atol=0)
+    # Q_qq = ρ_q/(F̂_q + γ): above the inverse match wherever the learned factors correlate coordinates
+    torch.testing.assert_close(got.double().flatten(), q.diagonal()[: C * D], rtol=1e-5, atol=0)
+    rho = q.diagonal() * damped
+    assert bool((rho > 1 - 1e-5).all()) and float(rho.max()) > 1.001
+    inverse_q = torch.linalg.inv(q)
+    torch.testing.assert_close(  # the refresh moves only D: Q⁻¹'s correlations are the learned ones
+        inverse_q / torch.outer(inverse_q.diagonal(), inverse_q.diagonal()).sqrt(),
+        torch.linalg.inv(learned) / torch.outer(torch.linalg.inv(learned).diagonal(), torch.linalg.inv(learned).diagonal()).sqrt(),
+    )
+
+
+def test_relative_damping_is_a_multiple_of_the_mean_fisher_retaken_at_every_refresh():
+    model, x, y, optimizer, train = _adam_logistic()
+    context = _context(model, x, y, optimizer=optimizer, batch_size=64)
+    refreshed = FishLegFisher(damping=0.5, relative_damping=True, update_every=None, refresh_diagonal=True)
+    fixed = FishLegFisher(damping=0.5, relative_damping=True, update_every=None)
+    first = 0.5 * float(Squisher().diagonal(context)["0.weight"].mean())  # the pruned weights only, no bias
+    for estimator in (refreshed, fixed):
+        estimator.build(context)
+        assert estimator.gamma == pytest.approx(first, rel=1e-6)
+    train(20)
+    now = Squisher().diagonal(context)["0.weight"]
+    assert float(now.mean()) != pytest.approx(first / 0.5, rel=1e-2)  # the Fisher's scale moved
+    diagonal = refreshed.inverse_diagonal(context)["0.weight"]
+    assert refreshed.gamma == pytest.approx(0.5 * float(now.mean()), rel=1e-6)
+    torch.testing.assert_close(diagonal, 1 / (now + refreshed.gamma))
+    assert fixed.inverse_diagonal(context) and fixed.gamma == pytest.approx(first, rel=1e-6)  # no refresh: kept
+    # γ is saved: a resumed estimator learns against the same F_γ, and a fixed damping refuses another one
+    resumed = FishLegFisher(damping=0.5, relative_damping=True, update_every=None, refresh_diagonal=True)
+    resumed.load_state_dict(refreshed.state_dict())
+    assert resumed.gamma == refreshed.gamma
+    with pytest.raises(ValueError, match=r"damping=0.5: the state was saved with γ="):
+        FishLegFisher(damping=0.5, update_every=None).load_state_dict(refreshed.state_dict())
 
 
 def test_other_layer_types_fall_back_to_diagonal_with_one_warning():
@@ -624,6 +681,8 @@ def test_all_names_resolve():
         (dict(seed=-1), r"seed=-1: must be an integer >= 0"),
         (dict(floor=0.0), r"floor=0.0: must be a positive finite number"),
         (dict(refresh_diagonal=True, init="identity"), r"refresh_diagonal=True with init='identity'"),
+        (dict(relative_damping=True, init="identity"), r"relative_damping=True with init='identity'"),
+        (dict(refresh_match="hessian"), r"refresh_match='hessian': must be one of \('inverse', 'fisher'\)"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, match):

@@ -60,6 +60,29 @@ def test_qv_and_diagq_equal_the_materialised_q(cls, shapes):
 
 
 @pytest.mark.parametrize(("cls", "shapes"), CASES, ids=lambda v: getattr(v, "__name__", str(v)))
+def test_correlation_inflation_is_the_diagonal_of_q_times_the_diagonal_of_its_inverse(cls, shapes):
+    form = _random_form(cls, shapes)
+    q = form.materialise().detach()
+    expected = q.diagonal() * torch.linalg.inv(q).diagonal()  # the scales D cancel
+    got = torch.cat([r.flatten() for r in form.correlation_inflation()])
+    torch.testing.assert_close(got, expected)
+    assert bool((got >= 1 - 1e-9).all())
+    if cls is not DiagonalForm:
+        assert float(got.max()) > 1.01  # random factors correlate the coordinates
+    with torch.no_grad():
+        form.init_diagonal_([torch.rand(s, dtype=torch.float64) + 0.5 for s in form.shapes])
+    torch.testing.assert_close(torch.cat([r.flatten() for r in form.correlation_inflation()]), torch.ones_like(got))
+
+
+def test_correlation_inflation_rejects_a_singular_factor():
+    form = KroneckerForm(["w"], [(3, 4)])
+    with torch.no_grad():
+        form.left[0].zero_()
+    with pytest.raises(ValueError, match="singular"):
+        form.correlation_inflation()
+
+
+@pytest.mark.parametrize(("cls", "shapes"), CASES, ids=lambda v: getattr(v, "__name__", str(v)))
 def test_coupled_names_are_the_blocks_q_links_to_the_weight(cls, shapes):
     # what OBS must move besides the given weight: exactly the parameters whose block of Q·[v, 0] can be
     # non-zero (for a random form, a non-zero off-diagonal block of the materialised Q)

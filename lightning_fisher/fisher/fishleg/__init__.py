@@ -1,7 +1,7 @@
 """FishLeg's learned inverse Fisher: layer forms (:mod:`.forms`), Fisher-vector products on sampled
 labels or exact (:mod:`.products`) and the estimator used by FishLeg Surgeon pruning (:mod:`.estimator`)."""
 
-from lightning_fisher.fisher.fishleg.estimator import INITS, PROBES, FishLegFisher
+from lightning_fisher.fisher.fishleg.estimator import INITS, PROBES, REFRESH_MATCHES, FishLegFisher
 from lightning_fisher.fisher.fishleg.forms import (
     CONV_FORMS,
     DiagonalForm,
@@ -17,6 +17,7 @@ __all__ = [
     "FVP_METHODS",
     "INITS",
     "PROBES",
+    "REFRESH_MATCHES",
     "DiagonalForm",
     "FishLegFisher",
     "KroneckerForm",

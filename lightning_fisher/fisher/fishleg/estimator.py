@@ -23,12 +23,13 @@ from lightning_fisher.fisher.fishleg.products import (
 )
 from lightning_fisher.fisher.squisher import Squisher
 
-__all__ = ["FishLegFisher", "INITS", "PROBES", "STATE_VERSION"]
+__all__ = ["FishLegFisher", "INITS", "PROBES", "REFRESH_MATCHES", "STATE_VERSION"]
 
 log = logging.getLogger(__name__)
 
 PROBES: tuple[str, ...] = ("gaussian", "gradient")
 INITS: tuple[str, ...] = ("auto", "squisher", "gradients", "identity")
+REFRESH_MATCHES: tuple[str, ...] = ("inverse", "fisher")
 STATE_VERSION = 1
 
 
@@ -130,7 +131,13 @@ class FishLegFisher(FisherEstimator):
     the per-weight D, 11.2M entries. Adam's state of λ doubles it again (fp32: ×4 bytes ×3).
 
     Args:
-        damping: γ > 0 in (F + γI)⁻¹, in the units of F (mean squared per-sample gradients).
+        damping: γ > 0 in (F + γI)⁻¹, in the units of F (mean squared per-sample gradients); with
+            ``relative_damping`` a multiple δ of the mean Fisher instead.
+        relative_damping: γ = ``damping`` × the mean of F̂ over the pruned parameters, with F̂ the diagonal
+            Fisher Q₀ is made from, taken when Q₀ is built and again at every refresh
+            (``refresh_diagonal``), so that one δ suits models and training stages whose Fisher scales
+            differ (the pruner's ``fisher_damping`` is the same relative damping for OBD scores). The
+            current γ is :attr:`gamma`, saved in :meth:`state_dict`. Needs ``init`` other than ``"identity"``.
         conv_form: ``"two_factor"`` or ``"three_factor"`` (memory-light) for Conv2d layers.
         lr: Adam's learning rate on λ.
         update_every: auxiliary updates every this many optimizer steps (≥ 1), or ``None`` for none
@@ -153,6 +160,12 @@ class FishLegFisher(FisherEstimator):
             only each weight's own scale follows the network as it trains and loses weights; pruned
             coordinates keep theirs. Without it Q's diagonal is the one of the first prune, moved only
             by the auxiliary updates. Needs ``init`` other than ``"identity"``.
+        refresh_match: what the refresh matches to F̂ + γ. ``"inverse"``: diag(Q) = 1/(F̂ + γ), so the
+            OBS score θ²/(2Q_qq) is the damped OBD score. ``"fisher"``: diag(Q⁻¹) = F̂ + γ, i.e. the
+            Fisher that Q implies has the current diagonal; then Q_qq = ρ_q/(F̂_q + γ) with
+            ρ_q = K_qq[K⁻¹]_qq ≥ 1 from the learned Kronecker factors K
+            (:meth:`LayerForm.correlation_inflation`), and the OBS score θ²(F̂_q + γ)/(2ρ_q) discounts a
+            weight whose loss the correlated survivors can absorb, as OBS does with the exact inverse.
         agreement_samples: entries subsampled for the ``fishleg/diag_agreement`` metric (≥ 0; 0 = off).
 
     Raises:
@@ -184,8 +197,13 @@ class FishLegFisher(FisherEstimator):
         seed: int = 0,
         refresh_diagonal: bool = False,
         agreement_samples: int = 100_000,
+        relative_damping: bool = False,
+        refresh_match: Literal["inverse", "fisher"] = "inverse",
     ) -> None:
         self.damping = _positive("damping", damping)
+        self.relative_damping = bool(relative_damping)
+        self.gamma = self.damping
+        """The current γ: ``damping``, or with ``relative_damping`` δ × the mean of the last F̂."""
         _one_of("conv_form", conv_form, CONV_FORMS)
         self.lr = _positive("lr", lr)
         self.update_every = None if update_every is None else _integer("update_every", update_every, 1)
@@ -196,6 +214,9 @@ class FishLegFisher(FisherEstimator):
         _one_of("init", init, INITS)
         if refresh_diagonal and init == "identity":
             raise ValueError("refresh_diagonal=True with init='identity': the identity has no Fisher to refresh from")
+        if relative_damping and init == "identity":
+            raise ValueError("relative_damping=True with init='identity': the identity has no Fisher to scale γ by")
+        self.refresh_match = _one_of("refresh_match", refresh_match, REFRESH_MATCHES)
         self.init_batches = _integer("init_batches", init_batches, 1)
         self.floor = _positive("floor", floor)
         self.seed = _integer("seed", seed, 0)
@@ -250,14 +271,14 @@ class FishLegFisher(FisherEstimator):
             state, self._pending = self._pending, None
             self._load(state)
         else:
-            inverse = self._initial_inverse_diagonal(context)
+            inverse = self._damped_inverse(context, self._fisher_estimate(context))
             for form in forms:
                 form.init_diagonal_([inverse[n] for n in form.names])
         log.debug("FishLegFisher: %d blocks, %d λ entries", len(forms), self.num_parameters())
 
     def diagonal(self, context: FisherContext) -> dict[str, Tensor]:
         """max(1/diag(Q) − γ, 0): the diagonal Fisher Q implies (see the class docstring)."""
-        return {n: (1.0 / q - self.damping).clamp_min_(0.0) for n, q in self.inverse_diagonal(context).items()}
+        return {n: (1.0 / q - self.gamma).clamp_min_(0.0) for n, q in self.inverse_diagonal(context).items()}
 
     def inverse_diagonal(self, context: FisherContext) -> dict[str, Tensor]:
         """diag(Q) for the parameters of ``context`` (closed form), floored at ``floor``.
@@ -372,7 +393,7 @@ class FishLegFisher(FisherEstimator):
             mine, theirs = [], []
             for name in context.parameters:
                 keep = masks.get(name)
-                implied = (1.0 / diag[name].clamp_min(self.floor) - self.damping).flatten()
+                implied = (1.0 / diag[name].clamp_min(self.floor) - self.gamma).flatten()
                 reference = squisher[name].flatten()
                 if keep is not None:
                     implied, reference = implied[keep.flatten()], reference[keep.flatten()]
@@ -391,12 +412,13 @@ class FishLegFisher(FisherEstimator):
         if self._holder is None:
             if self._pending is not None:
                 return self._pending
-            return {"version": STATE_VERSION, "updates": self.updates, "pretrained": self.pretrained}
+            return {"version": STATE_VERSION, "updates": self.updates, "pretrained": self.pretrained, "gamma": self.gamma}
         assert self._adam is not None
         return {
             "version": STATE_VERSION,
             "updates": self.updates,
             "pretrained": self.pretrained,
+            "gamma": self.gamma,
             "conv_form": self.conv_form,
             "blocks": [{"kind": f.kind, "names": list(f.names), "lambda": _to_cpu(f.state_dict())} for f in self.forms],
             "optimizer": _to_cpu(self._adam.state_dict()),
@@ -411,7 +433,7 @@ class FishLegFisher(FisherEstimator):
             return
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"FishLegFisher state version {state.get('version')!r}: expected {STATE_VERSION}")
-        unexpected = sorted(set(state) - {"version", "updates", "pretrained", "conv_form", "blocks", "optimizer"})
+        unexpected = sorted(set(state) - {"version", "updates", "pretrained", "gamma", "conv_form", "blocks", "optimizer"})
         if unexpected:
             raise ValueError(f"FishLegFisher.load_state_dict: unexpected keys {unexpected}")
         if "conv_form" in state and state["conv_form"] != self.conv_form:
@@ -422,6 +444,16 @@ class FishLegFisher(FisherEstimator):
             self._load(state)
         self.updates = int(state.get("updates", self.updates))
         self.pretrained = bool(state.get("pretrained", self.pretrained))
+        self._load_gamma(state)
+
+    def _load_gamma(self, state: Mapping[str, Any]) -> None:
+        if self.relative_damping:
+            self.gamma = float(state.get("gamma", self.gamma))
+        elif "gamma" in state and float(state["gamma"]) != self.damping:
+            raise ValueError(
+                f"damping={self.damping!r}: the state was saved with γ={float(state['gamma'])!r} "
+                "(relative_damping, or another damping); construct the estimator as it was saved"
+            )
 
     def _load(self, state: Mapping[str, Any]) -> None:
         assert self._adam is not None
@@ -438,6 +470,7 @@ class FishLegFisher(FisherEstimator):
         self._adam.load_state_dict(state["optimizer"])
         self.updates = int(state.get("updates", self.updates))
         self.pretrained = bool(state.get("pretrained", self.pretrained))
+        self._load_gamma(state)
 
     # -------------------------------------------------------------- internals
     def _ready(self, context: FisherContext) -> None:
@@ -477,10 +510,11 @@ class FishLegFisher(FisherEstimator):
             optimizer = optimizer.optimizer
         return any(optimizer.state.get(p) for p in context.parameters.values())
 
-    def _initial_inverse_diagonal(self, context: FisherContext) -> dict[str, Tensor]:
+    def _fisher_estimate(self, context: FisherContext) -> dict[str, Tensor] | None:
+        """F̂ for Q₀ and refreshes: the Squisher or sampled-gradient batches (``init``); None for the identity."""
         params = self._params(context)
         if self.init == "identity":
-            return {n: torch.full_like(p, 1.0 / self.damping, dtype=torch.float32) for n, p in params.items()}
+            return None
         if self.init in ("auto", "squisher"):
             if self._has_optimizer_state(context):
                 covered = FisherContext(
@@ -491,8 +525,7 @@ class FishLegFisher(FisherEstimator):
                     accumulate_grad_batches=context.accumulate_grad_batches,
                     world_size=context.world_size,
                 )
-                fisher = Squisher().diagonal(covered)
-                return {n: 1.0 / (f + self.damping) for n, f in fisher.items()}
+                return Squisher().diagonal(covered)
             if self.init == "squisher":
                 raise ValueError(
                     "init='squisher': the optimizer keeps no Adam-family squared-gradient state for these "
@@ -514,17 +547,33 @@ class FishLegFisher(FisherEstimator):
             for s in sums.values():
                 torch.distributed.all_reduce(s)
                 s /= torch.distributed.get_world_size()
-        return {n: 1.0 / (sums[self._real[n]] / count + self.damping) for n in params}
+        return {n: sums[self._real[n]] / count for n in params}
+
+    def _damped_inverse(self, context: FisherContext, fisher: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+        """1/(F̂ + γ) per covered parameter (I/γ without F̂), after setting γ from F̂ if it is relative."""
+        if fisher is None:
+            return {n: torch.full_like(p, 1.0 / self.gamma, dtype=torch.float32) for n, p in self._params(context).items()}
+        if self.relative_damping:
+            total = sum(float(fisher[n].double().sum()) for n in context.parameters)
+            count = sum(fisher[n].numel() for n in context.parameters)
+            self.gamma = self.damping * total / count
+            if not 0.0 < self.gamma < math.inf:
+                raise ValueError(f"relative_damping: the mean Fisher of the pruned parameters is {total / count!r}; γ needs it > 0")
+            log.info("FishLegFisher: γ = %.4g (%g × the mean Fisher %.4g)", self.gamma, self.damping, total / count)
+        return {n: 1.0 / (f.float() + self.gamma) for n, f in fisher.items()}
 
     @torch.no_grad()
     def _rescale_diagonal(self, context: FisherContext) -> None:
-        """D_q ← D_q·√(target_q / Q_qq), target = 1/(F̂ + γ) now; pruned coordinates untouched."""
-        target = self._initial_inverse_diagonal(context)
+        """D_q ← D_q·√(target_q / Q_qq), target = 1/(F̂ + γ) now (× ρ_q for ``refresh_match="fisher"``);
+        pruned coordinates untouched."""
+        target = self._damped_inverse(context, self._fisher_estimate(context))
         current = self._diag()
         masks = _partial_masks(context, self._params(context))
         for form in self.forms:
-            for name, scale in zip(form.names, form.coordinate_scales()):
-                ratio = (target[name].to(scale) / current[name].clamp_min(self.floor)).sqrt()
+            inflation = form.correlation_inflation() if self.refresh_match == "fisher" else None
+            for i, (name, scale) in enumerate(zip(form.names, form.coordinate_scales())):
+                wanted = target[name].to(scale) if inflation is None else target[name].to(scale) * inflation[i]
+                ratio = (wanted / current[name].clamp_min(self.floor)).sqrt()
                 if name in masks:
                     ratio = torch.where(masks[name].to(scale.device), ratio, torch.ones_like(ratio))
                 scale.mul_(ratio)
@@ -561,8 +610,8 @@ class FishLegFisher(FisherEstimator):
             context.model, {self._real[n]: p for n, p in params.items()}, x, real_w, fvp, generator, self.fd_eps
         )
         fw = {n: fw_real[self._real[n]].float() for n in params}
-        h = _masked({n: fw[n] + self.damping * w[n] - u[n] for n in params}, masks)
-        terms = sum(0.5 * (w[n] * (fw[n] + self.damping * w[n])).sum() - (u[n] * w[n]).sum() for n in params)
+        h = _masked({n: fw[n] + self.gamma * w[n] - u[n] for n in params}, masks)
+        terms = sum(0.5 * (w[n] * (fw[n] + self.gamma * w[n])).sum() - (u[n] * w[n]).sum() for n in params)
         return u, w, h, float(terms)
 
     def _update(self, context: FisherContext, x: Tensor, y: Tensor) -> float:
@@ -606,8 +655,9 @@ class FishLegFisher(FisherEstimator):
 
     def __repr__(self) -> str:
         return (
-            f"FishLegFisher(damping={self.damping:g}, conv_form={self.conv_form!r}, lr={self.lr:g}, "
+            f"FishLegFisher(damping={self.damping:g}, relative_damping={self.relative_damping}, "
+            f"conv_form={self.conv_form!r}, lr={self.lr:g}, "
             f"update_every={self.update_every}, pretrain_steps={self.pretrain_steps}, probe={self.probe!r}, "
             f"fvp={self.fvp!r}, precondition={self.precondition}, init={self.init!r}, "
-            f"refresh_diagonal={self.refresh_diagonal})"
+            f"refresh_diagonal={self.refresh_diagonal}, refresh_match={self.refresh_match!r})"
         )

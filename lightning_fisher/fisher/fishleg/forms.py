@@ -72,6 +72,14 @@ class LayerForm(nn.Module, abc.ABC):
     def _reset_factors_(self) -> None:  # noqa: B027 - forms without factors have nothing to reset
         """Set every Kronecker factor to the identity."""
 
+    def correlation_inflation(self) -> list[Tensor]:
+        """diag(K)·diag(K⁻¹) per entry (≥ 1), K = Q with the scales D removed; ones for a diagonal block.
+
+        Q_qq / [Q⁻¹]_qq⁻¹ for every D: how much larger the inverse's diagonal is than the reciprocal of
+        the implied Fisher's, because of the correlations the factors hold (1 where there are none).
+        """
+        return [torch.ones_like(scale.detach()) for scale in self.scales]
+
     def coupled_names(self, given: Collection[str]) -> list[str]:
         """Covered parameters outside ``given`` whose block of Q·v can be non-zero when v is zero on them.
 
@@ -103,6 +111,16 @@ class LayerForm(nn.Module, abc.ABC):
 
 def _identity(n: int) -> nn.Parameter:
     return nn.Parameter(torch.eye(n))
+
+
+def _inflation(gram: Tensor) -> Tensor:
+    """diag(G)·diag(G⁻¹) of a symmetric positive-definite factor G, computed in float64."""
+    g = gram.detach().double()
+    inverse, info = torch.linalg.inv_ex(g)
+    out = g.diagonal() * inverse.diagonal()
+    if int(info) != 0 or not bool(torch.isfinite(out).all()) or bool((out <= 0).any()):
+        raise ValueError("FishLeg: a Kronecker factor is singular, its inverse has no finite positive diagonal")
+    return out.to(gram.dtype)
 
 
 class KroneckerForm(LayerForm):
@@ -158,6 +176,11 @@ class KroneckerForm(LayerForm):
         kron = self._from_matrix(rows[:, None] * cols[None, :])
         return [k * d.square() for k, d in zip(kron, self.scales, strict=True)]
 
+    def correlation_inflation(self) -> list[Tensor]:
+        rows = _inflation(self.left @ self.left.T)
+        cols = _inflation(self.right.T @ self.right)
+        return self._from_matrix(rows[:, None] * cols[None, :])
+
     def materialise(self) -> Tensor:
         a = self.left @ self.left.T
         b = self.right.T @ self.right
@@ -212,6 +235,15 @@ class ThreeFactorConvForm(LayerForm):
         out = [kron * self.scales[0].square()]
         if len(self.scales) > 1:
             out.append(self.scales[1].square())
+        return out
+
+    def correlation_inflation(self) -> list[Tensor]:
+        a = _inflation(self.left @ self.left.T)
+        b = _inflation(self.right_in.T @ self.right_in)
+        c = _inflation(self.right_k.T @ self.right_k)
+        out = [(a[:, None, None] * b[None, :, None] * c[None, None, :]).reshape(self.shapes[0])]
+        if len(self.shapes) > 1:
+            out.append(torch.ones_like(self.scales[1].detach()))
         return out
 
     def materialise(self) -> Tensor:
