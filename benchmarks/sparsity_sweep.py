@@ -50,7 +50,8 @@ The stem conv and the classifier stay dense for every method. Methods:
   ``--fishleg-lr`` and Fisher-vector product ``--fishleg-fvp``, or the defaults; with
   ``--fishleg-relative-damping`` the damping is δ × the mean Fisher; with ``--fishleg-refresh`` its diagonal
   rescaled to the current Fisher at every prune, matching diag Q or, with ``--fishleg-refresh-match fisher``,
-  the diagonal of the Fisher Q implies; scored
+  the diagonal of the Fisher Q implies; with ``--fishleg-diagonal empirical`` Q's diagonal (Q₀ and
+  refreshes) comes from ``EmpiricalFisher`` instead of the Squisher; scored
   with the diagonal Fisher Q implies, θ²F/2, no compensation). Q starts from AdamW's second moment
   and learns every ``update_every`` steps during training (gradual only) and ``pretrain_steps`` times
   before its first prune;
@@ -180,6 +181,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fishleg-refresh-match", choices=REFRESH_MATCHES, default="inverse",
                         help="FishLegFisher refresh_match: 'inverse' (diag Q = 1/(F + γ)) or 'fisher' (diag Q⁻¹ = F + γ, "
                              "keeping the correlations' OBS discount); only with --fishleg-refresh")
+    parser.add_argument("--fishleg-diagonal", choices=("init", "empirical"), default="init",
+                        help="FishLegFisher diagonal_source: 'init' (none: the Squisher from AdamW's state) or 'empirical' "
+                             "(EmpiricalFisher(num_samples=--fisher-samples), a fresh estimate for Q₀ and every refresh)")
     parser.add_argument("--fishleg-heldout", type=int, default=0,
                         help="oneshot: FishLeg's held-out auxiliary loss (FishLegFisher.auxiliary_loss, measured with "
                              "the exact batch Fisher, fvp='ggn') on this many unaugmented training batches, before and "
@@ -285,12 +289,13 @@ def fishleg_estimator(args: argparse.Namespace) -> FishLegFisher:
     """``FishLegFisher`` with the sweep's ``pretrain_steps``, ``update_every``, damping, lr and product
     (``--fishleg-damping``, ``--fishleg-lr``, ``--fishleg-fvp``, else its defaults), ``relative_damping``
     (``--fishleg-relative-damping``), ``refresh_diagonal`` (``--fishleg-refresh``), ``refresh_match``
-    (``--fishleg-refresh-match``), default conv_form."""
+    (``--fishleg-refresh-match``), ``diagonal_source`` (``--fishleg-diagonal``), default conv_form."""
     given = {"damping": args.fishleg_damping, "lr": args.fishleg_lr, "fvp": args.fishleg_fvp}
     chosen = {name: value for name, value in given.items() if value is not None}
+    source = EmpiricalFisher(num_samples=args.fisher_samples) if args.fishleg_diagonal == "empirical" else None
     return FishLegFisher(pretrain_steps=args.fishleg_pretrain, update_every=args.fishleg_update_every,
                          refresh_diagonal=args.fishleg_refresh, relative_damping=args.fishleg_relative_damping,
-                         refresh_match=args.fishleg_refresh_match, **chosen)
+                         refresh_match=args.fishleg_refresh_match, diagonal_source=source, **chosen)
 
 
 def fisher_scale(diagonal: dict[str, Tensor], name: str = "F") -> str:

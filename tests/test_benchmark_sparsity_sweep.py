@@ -15,7 +15,7 @@ import torch
 
 from lightning_fisher.callbacks import FisherPruning
 from lightning_fisher.data import CIFAR10DataModule
-from lightning_fisher.fisher import FisherContext, FisherEstimator, FishLegFisher
+from lightning_fisher.fisher import EmpiricalFisher, FisherContext, FisherEstimator, FishLegFisher
 from lightning_fisher.pruning.schedules import cubic_sparsity
 from lightning_fisher.sparse import nm_violation
 
@@ -86,6 +86,7 @@ def test_fisher_scale(sweep: ModuleType) -> None:
     ["--fishleg-fvp", "exact"],
     ["--fishleg-refresh-match", "hessian", "--fishleg-refresh"],
     ["--fishleg-refresh-match", "fisher"],  # without --fishleg-refresh it would match nothing
+    ["--fishleg-diagonal", "squisher"],
     ["--obs-iterations", "-1"],
     ["--fishleg-heldout", "-1", "--mode", "oneshot"],
     ["--fishleg-heldout", "2"],  # gradual: Q learns during training, no before/after
@@ -137,7 +138,8 @@ def test_format_table(sweep: ModuleType) -> None:
 def test_fishleg_callbacks(sweep: ModuleType, method: str, compensate: bool, target: str) -> None:
     args = sweep.parse_args(["--fishleg-pretrain", "7", "--fishleg-update-every", "4", "--fishleg-lr", "3e-4",
                              "--fishleg-fvp", "ggn", "--fishleg-refresh", "--fishleg-relative-damping",
-                             "--fishleg-refresh-match", "fisher"])
+                             "--fishleg-refresh-match", "fisher", "--fishleg-diagonal", "empirical",
+                             "--fisher-samples", "64"])
     model = sweep._model(method, sweep.parse_args(["--width", "4"]))
     (callback,) = sweep._callbacks(method, target, model, args)
     assert isinstance(callback, FisherPruning) and isinstance(callback.estimator, FishLegFisher)
@@ -147,6 +149,8 @@ def test_fishleg_callbacks(sweep: ModuleType, method: str, compensate: bool, tar
     assert estimator.refresh_diagonal and not default.refresh_diagonal
     assert estimator.relative_damping and not default.relative_damping
     assert (estimator.refresh_match, default.refresh_match) == ("fisher", "inverse")
+    assert isinstance(estimator.diagonal_source, EmpiricalFisher) and estimator.diagonal_source.num_samples == 64
+    assert default.diagonal_source is None
     assert callback.pruner.compensate is compensate and callback.pruner.scope == "global"
     assert callback.pattern == ("unstructured" if target == "0.9" else "2:4")
     assert callback.pruner.target_sparsity == (0.9 if target == "0.9" else 0.5)
@@ -184,8 +188,12 @@ def _state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
-def test_estimate_leaves_the_dense_model_unchanged(sweep: ModuleType, trained: tuple) -> None:
+@pytest.mark.parametrize("options", [[], ["--fishleg-diagonal", "empirical", "--fisher-samples", "64",
+                                         "--fishleg-relative-damping", "--fishleg-damping", "1", "--fishleg-refresh"]],
+                         ids=["default", "empirical_diagonal"])
+def test_estimate_leaves_the_dense_model_unchanged(sweep: ModuleType, trained: tuple, options: list[str]) -> None:
     args, data, dense = trained
+    args = sweep.parse_args(["--mode", "oneshot", "--epochs", "2", "--fishleg-pretrain", "3", *options, *TINY])
     before = _state(dense.net)
     steps = {id(p): int(s["step"]) for p, s in dense.optimizer.state.items()}
     inputs = sweep.estimate("fishleg_obs", dense, data, args)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_fisher.fisher import FisherContext, FisherEstimator, FishLegFisher
+from lightning_fisher.fisher import EmpiricalFisher, FisherContext, FisherEstimator, FishLegFisher
 from lightning_fisher.fisher.fishleg import estimator as estimator_module
 from lightning_fisher.fisher.fishleg.products import fisher_vector_product
 from lightning_fisher.fisher.squisher import Squisher
@@ -493,6 +493,67 @@ def test_relative_damping_is_a_multiple_of_the_mean_fisher_retaken_at_every_refr
         FishLegFisher(damping=0.5, update_every=None).load_state_dict(refreshed.state_dict())
 
 
+class _CountingSource(FisherEstimator):
+    """A diagonal source with state: F̂ = (calls so far + 1) · 1e-2 everywhere."""
+
+    requires_data = True
+
+    def __init__(self) -> None:
+        self.calls, self.steps = 0, []
+
+    def diagonal(self, context: FisherContext) -> dict[str, Tensor]:
+        self.calls += 1
+        return {n: torch.full_like(p, self.calls * 1e-2) for n, p in context.parameters.items()}
+
+    def on_train_step(self, context: FisherContext, step: int) -> dict[str, float]:
+        self.steps.append(step)
+        return {"source/step": float(step)}
+
+    def check(self, optimizer: torch.optim.Optimizer | None) -> None:
+        if optimizer is None:
+            raise ValueError("needs an optimizer")
+
+    def state_dict(self) -> dict:
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.calls = state["calls"]
+
+
+def test_diagonal_source_gives_q0_every_refresh_and_the_relative_damping():
+    model, x, y, optimizer, _ = _adam_logistic()
+    context = _context(model, x, y, optimizer=optimizer, batch_size=64, loss_fn=F.cross_entropy)
+    empirical = EmpiricalFisher(num_samples=N)
+    estimator = FishLegFisher(damping=1.0, relative_damping=True, update_every=None, diagonal_source=empirical)
+    estimator.build(context)
+    everything = _context(model, x, y, optimizer=optimizer, batch_size=64, loss_fn=F.cross_entropy)
+    everything.parameters.update(model.named_parameters())
+    expected = empirical.diagonal(everything)  # weight and bias: Q's block covers both
+    assert estimator.gamma == pytest.approx(float(expected["0.weight"].mean()), rel=1e-5)
+    torch.testing.assert_close(estimator.inverse_diagonal(context)["0.weight"], 1 / (expected["0.weight"] + estimator.gamma))
+    torch.testing.assert_close(estimator._diag()["0.bias"], 1 / (expected["0.bias"] + estimator.gamma))
+    squisher = Squisher().diagonal(context)["0.weight"]
+    assert not torch.allclose(expected["0.weight"], squisher, rtol=0.05)  # a different F̂ from the default's
+
+    counting = _CountingSource()
+    refreshed = FishLegFisher(damping=0.1, update_every=1, refresh_diagonal=True, diagonal_source=counting)
+    refreshed.build(context)  # Q₀: the first read
+    got = refreshed.inverse_diagonal(context)["0.weight"]  # a refresh: the second
+    torch.testing.assert_close(got, torch.full_like(got, 1 / (2e-2 + 0.1)))
+    metrics = refreshed.on_train_step(context, 3)
+    assert counting.steps == [3] and metrics["source/step"] == 3.0 and "fishleg/aux_loss" in metrics
+    # the source's state travels with Q's, and its check runs as FishLeg's
+    resumed = FishLegFisher(damping=0.1, update_every=1, refresh_diagonal=True, diagonal_source=_CountingSource())
+    resumed.load_state_dict(refreshed.state_dict())
+    assert resumed.diagonal_source.calls == 2
+    with pytest.raises(ValueError, match="holds a diagonal_source's state"):
+        FishLegFisher(damping=0.1).load_state_dict(refreshed.state_dict())
+    with pytest.raises(ValueError, match="needs an optimizer"):
+        refreshed.check(None)
+    # a stateless source adds nothing to the state
+    assert "diagonal_source" not in estimator.state_dict()
+
+
 def test_other_layer_types_fall_back_to_diagonal_with_one_warning():
     model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Flatten(), nn.Linear(6, 3), nn.Unflatten(1, (3, 1)), nn.Conv1d(3, 3, 1), nn.Flatten())
     x = torch.randn(16, 2, 4)
@@ -683,6 +744,9 @@ def test_all_names_resolve():
         (dict(refresh_diagonal=True, init="identity"), r"refresh_diagonal=True with init='identity'"),
         (dict(relative_damping=True, init="identity"), r"relative_damping=True with init='identity'"),
         (dict(refresh_match="hessian"), r"refresh_match='hessian': must be one of \('inverse', 'fisher'\)"),
+        (dict(diagonal_source=FishLegFisher()), r"diagonal_source=FishLegFisher\(.*must be a diagonal FisherEstimator"),
+        (dict(diagonal_source="empirical"), r"diagonal_source='empirical': must be a diagonal FisherEstimator"),
+        (dict(diagonal_source=Squisher(), init="gradients"), r"init='gradients' with a diagonal_source"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, match):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import warnings
@@ -134,7 +135,7 @@ class FishLegFisher(FisherEstimator):
         damping: γ > 0 in (F + γI)⁻¹, in the units of F (mean squared per-sample gradients); with
             ``relative_damping`` a multiple δ of the mean Fisher instead.
         relative_damping: γ = ``damping`` × the mean of F̂ over the pruned parameters, with F̂ the diagonal
-            Fisher Q₀ is made from, taken when Q₀ is built and again at every refresh
+            Fisher Q₀ is made from (``init`` or ``diagonal_source``), taken when Q₀ is built and again at every refresh
             (``refresh_diagonal``), so that one δ suits models and training stages whose Fisher scales
             differ (the pruner's ``fisher_damping`` is the same relative damping for OBD scores). The
             current γ is :attr:`gamma`, saved in :meth:`state_dict`. Needs ``init`` other than ``"identity"``.
@@ -166,6 +167,11 @@ class FishLegFisher(FisherEstimator):
             ρ_q = K_qq[K⁻¹]_qq ≥ 1 from the learned Kronecker factors K
             (:meth:`LayerForm.correlation_inflation`), and the OBS score θ²(F̂_q + γ)/(2ρ_q) discounts a
             weight whose loss the correlated survivors can absorb, as OBS does with the exact inverse.
+        diagonal_source: the estimator F̂ comes from, for Q₀, ``relative_damping`` and every refresh, in
+            place of ``init``'s choice (which must stay ``"auto"``), e.g. ``EmpiricalFisher(num_samples=1024)``:
+            a fresh per-sample estimate at each read, where the Squisher is free but averages the squared
+            gradients of the last ~1/(1 − β₂) steps. It reads the context's batches and is averaged
+            over data-parallel ranks when it says it ``needs_all_reduce``; its state is saved with Q's.
         agreement_samples: entries subsampled for the ``fishleg/diag_agreement`` metric (≥ 0; 0 = off).
 
     Raises:
@@ -199,6 +205,7 @@ class FishLegFisher(FisherEstimator):
         agreement_samples: int = 100_000,
         relative_damping: bool = False,
         refresh_match: Literal["inverse", "fisher"] = "inverse",
+        diagonal_source: FisherEstimator | None = None,
     ) -> None:
         self.damping = _positive("damping", damping)
         self.relative_damping = bool(relative_damping)
@@ -217,6 +224,12 @@ class FishLegFisher(FisherEstimator):
         if relative_damping and init == "identity":
             raise ValueError("relative_damping=True with init='identity': the identity has no Fisher to scale γ by")
         self.refresh_match = _one_of("refresh_match", refresh_match, REFRESH_MATCHES)
+        if diagonal_source is not None:
+            if not isinstance(diagonal_source, FisherEstimator) or isinstance(diagonal_source, FishLegFisher):
+                raise ValueError(f"diagonal_source={diagonal_source!r}: must be a diagonal FisherEstimator other than FishLegFisher")
+            if init != "auto":
+                raise ValueError(f"init={init!r} with a diagonal_source: Q₀ comes from the source; leave init='auto'")
+        self.diagonal_source = diagonal_source
         self.init_batches = _integer("init_batches", init_batches, 1)
         self.floor = _positive("floor", floor)
         self.seed = _integer("seed", seed, 0)
@@ -315,13 +328,20 @@ class FishLegFisher(FisherEstimator):
             out.update((name, product[name]) for name in form.coupled_names(vectors))
         return out
 
+    def check(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """The ``diagonal_source``'s own check (the optimizer it needs, say)."""
+        if self.diagonal_source is not None:
+            self.diagonal_source.check(optimizer)
+
     def on_train_step(self, context: FisherContext, step: int) -> dict[str, float]:
-        """One auxiliary update on the context's (current) batch every ``update_every`` steps."""
+        """One auxiliary update on the context's (current) batch every ``update_every`` steps (and the
+        ``diagonal_source``'s own step hook, every step)."""
+        metrics = {} if self.diagonal_source is None else dict(self.diagonal_source.on_train_step(context, step))
         if self.update_every is None or step <= 0 or step % self.update_every != 0:
-            return {}
+            return metrics
         self.build(context)
         x, y = next(context.iter_batches())
-        metrics = {"fishleg/aux_loss": self._update(context, x, y)}
+        metrics["fishleg/aux_loss"] = self._update(context, x, y)
         agreement = self.diag_agreement(context)
         if agreement is not None:
             metrics["fishleg/diag_agreement"] = agreement
@@ -408,13 +428,17 @@ class FishLegFisher(FisherEstimator):
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """λ of every block (by parameter FQNs), Adam's state of λ, the update count; CPU tensors."""
+        """λ of every block (by parameter FQNs), Adam's state of λ, the update count, γ, and the
+        ``diagonal_source``'s state when it has one; CPU tensors."""
+        source_state = {} if self.diagonal_source is None else self.diagonal_source.state_dict()
+        source = {"diagonal_source": _to_cpu(source_state)} if source_state else {}
         if self._holder is None:
             if self._pending is not None:
-                return self._pending
-            return {"version": STATE_VERSION, "updates": self.updates, "pretrained": self.pretrained, "gamma": self.gamma}
+                return {**self._pending, **source}
+            return {"version": STATE_VERSION, "updates": self.updates, "pretrained": self.pretrained, "gamma": self.gamma, **source}
         assert self._adam is not None
         return {
+            **source,
             "version": STATE_VERSION,
             "updates": self.updates,
             "pretrained": self.pretrained,
@@ -433,9 +457,15 @@ class FishLegFisher(FisherEstimator):
             return
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"FishLegFisher state version {state.get('version')!r}: expected {STATE_VERSION}")
-        unexpected = sorted(set(state) - {"version", "updates", "pretrained", "gamma", "conv_form", "blocks", "optimizer"})
+        known = {"version", "updates", "pretrained", "gamma", "conv_form", "blocks", "optimizer", "diagonal_source"}
+        unexpected = sorted(set(state) - known)
         if unexpected:
             raise ValueError(f"FishLegFisher.load_state_dict: unexpected keys {unexpected}")
+        if "diagonal_source" in state:
+            if self.diagonal_source is None:
+                raise ValueError("FishLegFisher.load_state_dict: the state holds a diagonal_source's state; this estimator has none")
+            self.diagonal_source.load_state_dict(state["diagonal_source"])
+            state = {k: v for k, v in state.items() if k != "diagonal_source"}
         if "conv_form" in state and state["conv_form"] != self.conv_form:
             raise ValueError(f"conv_form={self.conv_form!r}: the state was saved with conv_form={state['conv_form']!r}")
         if self._holder is None and "blocks" in state:
@@ -511,8 +541,16 @@ class FishLegFisher(FisherEstimator):
         return any(optimizer.state.get(p) for p in context.parameters.values())
 
     def _fisher_estimate(self, context: FisherContext) -> dict[str, Tensor] | None:
-        """F̂ for Q₀ and refreshes: the Squisher or sampled-gradient batches (``init``); None for the identity."""
+        """F̂ for Q₀ and refreshes: ``diagonal_source``, else the Squisher or sampled-gradient batches
+        (``init``); None for the identity."""
         params = self._params(context)
+        if self.diagonal_source is not None:
+            fisher = self.diagonal_source.diagonal(dataclasses.replace(context, parameters=params))
+            if self.diagonal_source.needs_all_reduce and _distributed():
+                for f in fisher.values():
+                    torch.distributed.all_reduce(f)
+                    f /= torch.distributed.get_world_size()
+            return fisher
         if self.init == "identity":
             return None
         if self.init in ("auto", "squisher"):
@@ -659,5 +697,6 @@ class FishLegFisher(FisherEstimator):
             f"conv_form={self.conv_form!r}, lr={self.lr:g}, "
             f"update_every={self.update_every}, pretrain_steps={self.pretrain_steps}, probe={self.probe!r}, "
             f"fvp={self.fvp!r}, precondition={self.precondition}, init={self.init!r}, "
-            f"refresh_diagonal={self.refresh_diagonal}, refresh_match={self.refresh_match!r})"
+            f"refresh_diagonal={self.refresh_diagonal}, refresh_match={self.refresh_match!r}, "
+            f"diagonal_source={self.diagonal_source!r})"
         )
