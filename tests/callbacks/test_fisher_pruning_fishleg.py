@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 import lightning_fisher.train  # noqa: F401 - registers the primary config's schema for compose_config
 from lightning_fisher.callbacks import FisherPruning
-from lightning_fisher.fisher import FishLegFisher
+from lightning_fisher.fisher import EmpiricalFisher, FishLegFisher
 
 
 class ZeroCheck(Callback):
@@ -118,8 +118,9 @@ def test_start_from_a_dense_checkpoint(tmp_path, make_module, make_digits):
         {},
         {"fvp": "ggn", "refresh_diagonal": True},
         {"fvp": "ggn", "refresh_diagonal": True, "refresh_match": "fisher", "relative_damping": True, "damping": 1.0},
+        {"refresh_diagonal": True, "relative_damping": True, "damping": 1.0, "diagonal_source": EmpiricalFisher(num_samples=32)},
     ],
-    ids=["default", "ggn_refresh", "relative_fisher_match"],
+    ids=["default", "ggn_refresh", "relative_fisher_match", "empirical_diagonal"],
 )
 def test_resume_continues_q_exactly(tmp_path, make_module, make_digits, options):
     def run(root: Path, epochs: int, ckpt_path: str | None = None) -> FisherPruning:
