@@ -154,11 +154,17 @@ def test_fishleg_recipe_composes_and_builds(compose_config):
     assert default.pruning.compensate is True and default.optimizer._target_ == "torch.optim.AdamW"
     joint = compose_config("recipe=cifar10_resnet18_fishleg95", "pruning.obs_iterations=20")
     assert instantiate(joint.pruning, estimator=estimator).pruner.obs_iterations == 20
-    # the overrides conf/fisher/fishleg.yaml suggests for small dampings
-    exact = instantiate(compose_config("recipe=cifar10_resnet18_fishleg95", "+fisher.fvp=ggn", "+fisher.refresh_diagonal=true").fisher)
-    assert exact.fvp == "ggn" and exact.refresh_diagonal is True
-    relative = compose_config(
-        "recipe=cifar10_resnet18_fishleg95", "+fisher.damping=1", "+fisher.relative_damping=true", "+fisher.refresh_match=fisher"
+    # the recipe's measured setting (conf/fisher/fishleg.yaml), not the constructor's defaults
+    measured = instantiate(default.fisher)
+    assert (measured.damping, measured.relative_damping, measured.fvp, measured.lr) == (1.0, True, "ggn", 1e-3)
+    assert measured.refresh_diagonal is True and measured.refresh_match == "inverse"
+    assert isinstance(measured.diagonal_source, EmpiricalFisher) and measured.diagonal_source.num_samples == 1024
+    # the overrides its comment gives for the constructor's defaults
+    paper = compose_config(
+        "recipe=cifar10_resnet18_fishleg95", "fisher.damping=0.1", "~fisher.relative_damping", "~fisher.fvp", "~fisher.lr",
+        "~fisher.refresh_diagonal", "~fisher.diagonal_source",
     )
-    estimator = instantiate(relative.fisher)
-    assert estimator.relative_damping is True and estimator.refresh_match == "fisher" and estimator.damping == 1.0
+    plain, constructed = instantiate(paper.fisher), FishLegFisher(pretrain_steps=100)
+    assert repr(plain) == repr(constructed) and plain.diagonal_source is None
+    matched = instantiate(compose_config("recipe=cifar10_resnet18_fishleg95", "+fisher.refresh_match=fisher").fisher)
+    assert matched.refresh_match == "fisher"

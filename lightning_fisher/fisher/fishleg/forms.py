@@ -75,8 +75,8 @@ class LayerForm(nn.Module, abc.ABC):
     def correlation_inflation(self) -> list[Tensor]:
         """diag(K)·diag(K⁻¹) per entry (≥ 1), K = Q with the scales D removed; ones for a diagonal block.
 
-        Q_qq / [Q⁻¹]_qq⁻¹ for every D: how much larger the inverse's diagonal is than the reciprocal of
-        the implied Fisher's, because of the correlations the factors hold (1 where there are none).
+        It equals Q_qq·[Q⁻¹]_qq whatever D is: how much larger Q's diagonal is than the reciprocal of the
+        diagonal of the Fisher Q implies, because of the correlations the factors hold (1 where there are none).
         """
         return [torch.ones_like(scale.detach()) for scale in self.scales]
 
