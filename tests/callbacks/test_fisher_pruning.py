@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import Tensor, nn
 
 from lightning_fisher.callbacks import FisherPruning, SparsityMonitor
+from lightning_fisher.fisher import FishLegFisher
 from lightning_fisher.fisher.base import FisherContext, FisherEstimator
 from lightning_fisher.module import ImageClassifier
 from lightning_fisher.pruning.masks import export_pruned, load_pruned
@@ -272,7 +273,10 @@ class SaveMasks(Callback):
             for n, m in cb.masks.items()
         }
         weights = {n: p.detach().cpu() for n, p in pl_module.named_parameters()}
-        torch.save({"masks": masks, "weights": weights}, self.directory / f"rank{trainer.global_rank}.pt")
+        estimators = [cb.estimator.state_dict() for cb in trainer.callbacks if isinstance(cb, FisherPruning) and cb.estimator]
+        torch.save(
+            {"masks": masks, "weights": weights, "estimators": estimators}, self.directory / f"rank{trainer.global_rank}.pt"
+        )
 
 
 @pytest.mark.distributed
@@ -320,6 +324,38 @@ def test_ddp_ranks_hold_identical_masks_and_weights(tmp_path, make_module, digit
     for name in rank0["masks"]:
         assert torch.equal(rank0["masks"][name], rank1["masks"][name]), name
     for name in rank0["weights"]:  # a rank pruning with its own masks first would diverge here
+        torch.testing.assert_close(rank0["weights"][name], rank1["weights"][name], rtol=0, atol=0)
+
+
+@pytest.mark.distributed
+def test_ddp_ranks_learn_the_same_fishleg_q_from_a_rank_dependent_diagonal(tmp_path, make_module, digits, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 8, 3, padding=1, stride=2), nn.ReLU(), nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 10),
+    )
+    # Q₀, γ and every refresh come from a source that differs on every rank and asks to be all-reduced;
+    # λ's gradients are averaged. Q must come out identical on both ranks, bit for bit.
+    estimator = FishLegFisher(
+        damping=1.0, relative_damping=True, fvp="ggn", lr=1e-3, update_every=1, pretrain_steps=2,
+        refresh_diagonal=True, diagonal_source=RankDependentFisher(True),
+    )
+    pruning = FisherPruning(target_sparsity=0.6, estimator=estimator, compensate=True, start_epoch=1, end_epoch=2)
+    trainer = L.Trainer(
+        max_epochs=3, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
+        limit_train_batches=2, limit_val_batches=1, callbacks=[pruning, SaveMasks(tmp_path)],
+    )
+    trainer.fit(make_module(net=net), digits.train_dataloader(), digits.val_dataloader())
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    (q0,), (q1,) = rank0["estimators"], rank1["estimators"]
+    assert q0["updates"] == q1["updates"] == 2 + 6  # 2 pre-training updates, one per optimizer step (3 epochs × 2)
+    assert q0["gamma"] == q1["gamma"] > 0
+    for block0, block1 in zip(q0["blocks"], q1["blocks"], strict=True):
+        for key, value in block0["lambda"].items():
+            torch.testing.assert_close(value, block1["lambda"][key], rtol=0, atol=0, msg=f"{block0['names']} {key}")
+    for name in rank0["weights"]:
         torch.testing.assert_close(rank0["weights"][name], rank1["weights"][name], rtol=0, atol=0)
 
 
