@@ -192,7 +192,7 @@ def _state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
                                          "--fishleg-relative-damping", "--fishleg-damping", "1", "--fishleg-refresh"]],
                          ids=["default", "empirical_diagonal"])
 def test_estimate_leaves_the_dense_model_unchanged(sweep: ModuleType, trained: tuple, options: list[str]) -> None:
-    args, data, dense = trained
+    _, data, dense = trained
     args = sweep.parse_args(["--mode", "oneshot", "--epochs", "2", "--fishleg-pretrain", "3", *options, *TINY])
     before = _state(dense.net)
     steps = {id(p): int(s["step"]) for p, s in dense.optimizer.state.items()}

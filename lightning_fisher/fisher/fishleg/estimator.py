@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import math
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 import torch
@@ -64,6 +64,15 @@ def _to_cpu(value: Any) -> Any:
 
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def _average_over_ranks_(tensors: Iterable[Tensor]) -> None:
+    """Replace every tensor by its mean over the data-parallel ranks (nothing to do on one process)."""
+    if not _distributed():
+        return
+    for t in tensors:
+        torch.distributed.all_reduce(t)
+        t /= torch.distributed.get_world_size()
 
 
 def _partial_masks(context: FisherContext, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -156,8 +165,9 @@ class FishLegFisher(FisherEstimator):
         floor: lower bound of :meth:`inverse_diagonal` (> 0), so OBS scores stay finite.
         seed: base seed of probes and sampled labels (≥ 0).
         refresh_diagonal: before every read of Q's diagonal (each prune), rescale D so that
-            diag(Q) = 1/(F̂ + γ) with F̂ the current diagonal Fisher, from the same source as Q₀ (the
-            optimizer's second moment, else ``init_batches`` sampled-gradient batches). D_q is multiplied
+            diag(Q) = 1/(F̂ + γ) with F̂ the current diagonal Fisher, from the same source as Q₀
+            (``diagonal_source``, else the optimizer's second moment, else ``init_batches``
+            sampled-gradient batches). D_q is multiplied
             by √(target_q / Q_qq), so the correlations Q_ij/√(Q_ii Q_jj) that FishLeg learned are kept and
             only each weight's own scale follows the network as it trains and loses weights; pruned
             coordinates keep theirs. Without it Q's diagonal is the one of the first prune, moved only
@@ -171,8 +181,9 @@ class FishLegFisher(FisherEstimator):
         diagonal_source: the estimator F̂ comes from, for Q₀, ``relative_damping`` and every refresh, in
             place of ``init``'s choice (which must stay ``"auto"``), e.g.
             ``EmpiricalFisher(num_samples=1024)``: a fresh per-sample estimate at each read, where the
-            Squisher is free but averages the squared gradients of the last ~1/(1 − β₂) steps. It reads the context's batches and is averaged
-            over data-parallel ranks when it says it ``needs_all_reduce``; its state is saved with Q's.
+            Squisher is free but averages the squared gradients of the last ~1/(1 − β₂) steps. It reads
+            the context's batches and is averaged over data-parallel ranks when it says it
+            ``needs_all_reduce``; its state is saved with Q's.
         agreement_samples: entries subsampled for the ``fishleg/diag_agreement`` metric (≥ 0; 0 = off).
 
     Raises:
@@ -550,24 +561,14 @@ class FishLegFisher(FisherEstimator):
         params = self._params(context)
         if self.diagonal_source is not None:
             fisher = self.diagonal_source.diagonal(dataclasses.replace(context, parameters=params))
-            if self.diagonal_source.needs_all_reduce and _distributed():
-                for f in fisher.values():
-                    torch.distributed.all_reduce(f)
-                    f /= torch.distributed.get_world_size()
+            if self.diagonal_source.needs_all_reduce:
+                _average_over_ranks_(fisher.values())
             return fisher
         if self.init == "identity":
             return None
         if self.init in ("auto", "squisher"):
             if self._has_optimizer_state(context):
-                covered = FisherContext(
-                    model=context.model,
-                    parameters=params,
-                    optimizer=context.optimizer,
-                    batch_size=context.batch_size,
-                    accumulate_grad_batches=context.accumulate_grad_batches,
-                    world_size=context.world_size,
-                )
-                return Squisher().diagonal(covered)
+                return Squisher().diagonal(dataclasses.replace(context, parameters=params))
             if self.init == "squisher":
                 raise ValueError(
                     "init='squisher': the optimizer keeps no Adam-family squared-gradient state for these "
@@ -585,10 +586,7 @@ class FishLegFisher(FisherEstimator):
                 break
         if count == 0:
             raise ValueError("FishLegFisher: init from gradients needs batches, but the context's batches are empty")
-        if _distributed():
-            for s in sums.values():
-                torch.distributed.all_reduce(s)
-                s /= torch.distributed.get_world_size()
+        _average_over_ranks_(sums.values())
         return {n: sums[self._real[n]] / count for n in params}
 
     def _damped_inverse(self, context: FisherContext, fisher: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
@@ -675,11 +673,7 @@ class FishLegFisher(FisherEstimator):
             surrogate = sum((qa[n] * b[n]).sum() for n in qa) / active
             surrogate.backward()
         assert self._holder is not None
-        if _distributed():
-            for p in self._holder.parameters():
-                if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad)
-                    p.grad /= torch.distributed.get_world_size()
+        _average_over_ranks_(p.grad for p in self._holder.parameters() if p.grad is not None)
         frozen = []
         for form in self.forms:
             for name, scale in zip(form.names, form.coordinate_scales()):
