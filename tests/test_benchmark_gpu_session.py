@@ -129,17 +129,21 @@ def test_a_recipe_step_resumes_from_its_last_checkpoint_until_it_is_done(session
 
 
 # ------------------------------------------------------------------------------------------ running
-def test_the_deadline_stops_a_step_and_starts_no_other(session: ModuleType, scratch: Path) -> None:
-    sleeper = session.Step("sleeper", 0, "", ("-c", "import time; time.sleep(60)"), ("-c", "pass"))
-    after = session.Step("after", 0, "", ("-c", "pass"), ("-c", "pass"))
+def test_a_step_limit_and_the_deadline_stop_steps_and_start_no_other(session: ModuleType, scratch: Path) -> None:
+    sleep = ("-c", "import time; time.sleep(60)")
+    capped = session.Step("capped", 0, "", sleep, (), limit_s=0.5)
+    sleeper = session.Step("sleeper", 0, "", sleep, ())
+    after = session.Step("after", 0, "", ("-c", "pass"), ())
     logs = scratch / "logs"
     logs.mkdir()
     started = time.monotonic()
-    outcomes = session.run_steps([sleeper, after], smoke=False, deadline_s=1.0, parallel=1, data_root=scratch,
-                                 logs=logs)
+    outcomes = session.run_steps([capped, sleeper, after], smoke=False, deadline_s=2.0, parallel=1,
+                                 data_root=scratch, logs=logs)
     assert time.monotonic() - started < 15
     assert [(o.name, o.status, o.ok) for o in outcomes] == [
-        ("sleeper", "cut at the deadline", False), ("after", "not started: deadline", False)]
+        ("capped", "cut at its 0.5 s limit", False), ("sleeper", "cut at the deadline", False),
+        ("after", "not started: deadline", False)]
+    assert 0.5 <= outcomes[0].seconds < 2.0 and outcomes[0].seconds + outcomes[1].seconds >= 2.0
     assert (logs / "sleeper.log").read_text().startswith("$ ")
 
 
