@@ -14,7 +14,8 @@ Hooks and what each does (one core call each):
   ``on_train_batch_end`` runs on every micro-batch rather than after every step.
 - ``on_train_batch_end``, after a real optimizer step (flagged by the same step post-hook): call the
   estimator's optional ``on_train_step`` (``FisherEstimator.on_train_step``; FishLeg learns its inverse
-  Fisher there) with the step's batch and the current masks, and log the metrics it returns
+  Fisher there) with the step's batch first in the context's batches (then fresh training batches, for
+  an estimate that needs more than one batch) and the current masks, and log the metrics it returns
   (``fishleg/aux_loss``, ``fishleg/diag_agreement``). Skipped for estimators that do not override it.
 - ``on_train_epoch_end``: log ``pruning/target_sparsity`` and ``pruning/sparsity``.
 - with ``sparse_kernels=True`` and an N:M pattern, once the last prune is done: swap the N:M layers for
@@ -296,7 +297,7 @@ class FisherPruning(Callback):
             return
         self._stepped = False
         current = (batch[0], batch[1])
-        context = self._context(trainer, pl_module, batches=lambda: iter([current]))
+        context = self._context(trainer, pl_module, batches=partial(_step_batches, current, trainer, pl_module))
         for name, value in self.estimator.on_train_step(context, trainer.global_step).items():
             pl_module.log(name, value, on_step=True, on_epoch=False)
 
@@ -515,6 +516,16 @@ def _training_batches(trainer: L.Trainer, pl_module: L.LightningModule) -> Itera
             batch = before(batch, 0)
         batch = trainer.strategy.batch_to_device(batch)
         yield batch[0], batch[1]
+
+
+def _step_batches(
+    current: tuple[Tensor, Tensor], trainer: L.Trainer, pl_module: L.LightningModule
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """The step's own batch, then fresh training batches: a per-step update reads the first, and an
+    estimate that needs more samples than one batch (FishLeg's Q₀ from an EmpiricalFisher diagonal
+    source, built at its first update) reads on; the loader starts only if something reads past the first."""
+    yield current
+    yield from _training_batches(trainer, pl_module)
 
 
 def _before_transfer_hook(trainer: L.Trainer, pl_module: L.LightningModule) -> Callable[[Any, int], Any] | None:

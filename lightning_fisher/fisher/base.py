@@ -105,7 +105,10 @@ class FisherEstimator(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__} offers no inverse Fisher")
 
     def on_train_step(self, context: FisherContext, step: int) -> dict[str, float]:
-        """Optional hook, called after every optimizer step with the step's batch in ``context``.
+        """Optional hook, called after every optimizer step; ``context``'s batches start with the step's batch.
+
+        ``FisherPruning``'s context goes on with fresh training batches after it, for estimates that need
+        more samples than one batch (read ``next(context.iter_batches())`` for the step's batch alone).
 
         Estimators that learn during training (FishLeg) override it; ``step`` is the number of optimizer
         steps taken so far. Returns metrics to log (``{"name/key": value}``); the default does nothing.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 import lightning_fisher.train  # noqa: F401 - registers the primary config's schema for compose_config
 from lightning_fisher.callbacks import FisherPruning
-from lightning_fisher.fisher import EmpiricalFisher, FishLegFisher
+from lightning_fisher.fisher import EmpiricalFisher, FisherContext, FisherEstimator, FishLegFisher
 
 
 class ZeroCheck(Callback):
@@ -61,6 +62,74 @@ def test_hook_runs_only_after_real_optimizer_steps(make_trainer, digits, make_mo
     trainer = make_trainer([pruning], max_epochs=3, accumulate_grad_batches=2)
     trainer.fit(make_module(), digits)
     assert trainer.global_step == 6 and estimator.updates == 6  # 12 micro-batches, 6 steps
+
+
+class _FirstBatchRecorder(FisherEstimator):
+    """Records the first batch of every step hook's context, and how many samples the whole context holds."""
+
+    requires_data = True
+
+    def __init__(self) -> None:
+        self.first: list[torch.Tensor] = []
+        self.samples: list[int] = []
+
+    def diagonal(self, context: FisherContext) -> dict[str, torch.Tensor]:
+        return {n: torch.ones_like(p) for n, p in context.parameters.items()}
+
+    def on_train_step(self, context: FisherContext, step: int) -> dict[str, float]:
+        batches = context.iter_batches()
+        self.first.append(next(batches)[0].clone())
+        self.samples.append(len(self.first[-1]) + sum(len(x) for x, _ in batches))
+        return {}
+
+
+class _BatchSeen(Callback):
+    def __init__(self) -> None:
+        self.seen: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.seen.append(batch[0].clone())
+
+
+def test_the_step_hook_reads_the_step_batch_first_then_fresh_training_batches(make_trainer, digits, make_module):
+    recorder, seen = _FirstBatchRecorder(), _BatchSeen()
+    pruning = FisherPruning(estimator=recorder, target_sparsity=0.5, start_epoch=0, end_epoch=1)
+    make_trainer([seen, pruning], max_epochs=2).fit(make_module(), digits)
+    assert len(recorder.first) == len(seen.seen) == 2 * len(digits.train_dataloader())
+    assert all(torch.equal(a, b) for a, b in zip(recorder.first, seen.seen))
+    assert recorder.samples == [32 + 128] * len(recorder.first)  # the step's batch, then a whole epoch
+
+
+class _SampleCountingEmpirical(EmpiricalFisher):
+    """An EmpiricalFisher that records how many samples each estimate read."""
+
+    def __init__(self, num_samples: int) -> None:
+        super().__init__(num_samples=num_samples)
+        self.samples: list[int] = []
+
+    def diagonal(self, context: FisherContext) -> dict[str, torch.Tensor]:
+        read: list[int] = []
+
+        def batches():
+            for x, y in context.iter_batches():
+                read.append(len(x))
+                yield x, y
+
+        fisher = super().diagonal(dataclasses.replace(context, batches=batches))
+        self.samples.append(min(sum(read), self.num_samples))
+        return fisher
+
+
+def test_q0_from_a_data_diagonal_source_reads_all_its_samples_at_the_first_update(make_trainer, digits, make_module):
+    # Q is built at the first auxiliary update, inside the step hook, whose first batch is the step's own
+    source = _SampleCountingEmpirical(num_samples=80)  # two and a half batches of 32
+    estimator = FishLegFisher(update_every=2, pretrain_steps=1, refresh_diagonal=True, diagonal_source=source)
+    pruning = FisherPruning(estimator=estimator, compensate=True, target_sparsity=0.5, start_epoch=1, end_epoch=2)
+    make_trainer([pruning], max_epochs=3).fit(make_module(), digits)
+    # Q₀ at step 2, then the refresh before epoch 2's prune (epoch 1's target is 0: nothing is scored); both
+    # read 80 samples (Q₀ read the step's batch alone, 32, when the hook's context held nothing else)
+    assert source.samples == [80, 80]
 
 
 def test_fisher_criterion_without_compensation_uses_the_implied_diagonal(make_trainer, digits, make_module):
