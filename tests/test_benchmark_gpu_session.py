@@ -189,13 +189,24 @@ def test_a_smoke_call_runs_a_recipe_and_a_benchmark_and_packs_the_results(
     assert "| `squisher95` | done in an earlier call" in (out / "session.md").read_text()
 
 
-def test_install_keeps_what_the_image_has(session: ModuleType, scratch: Path) -> None:
+def test_install_adds_only_what_the_image_lacks(session: ModuleType, scratch: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, ...]] = []
+    monkeypatch.setattr(session, "_pip", lambda *args: calls.append(args))
     wheels = session.PACK_DIR / "wheels"
     wheels.mkdir(parents=True)
-    (wheels / "hydra_core-0.0.1-py3-none-any.whl").touch()  # installed here: kept, not replaced
+    (wheels / "hydra_core-0.0.1-py3-none-any.whl").touch()  # installed here: the installed version stays
+    missing = wheels / "lightning_fisher_absent_package-1.0-py3-none-any.whl"
+    missing.touch()
     notes: list[str] = []
+    monkeypatch.setattr(session, "_project_importable", lambda: True)
     session.install(notes)
-    assert notes == ["installed from .gpu/wheels: nothing"]
+    assert calls == [("install", "--no-index", "--no-deps", str(missing))]
+    assert notes == ["installed from .gpu/wheels: lightning-fisher-absent-package"]
+    calls.clear()
+    monkeypatch.setattr(session, "_project_importable", lambda: False)
+    session.install(notes)
+    assert calls[-1] == ("install", "--no-index", "--no-deps", "--no-build-isolation", "-e", str(session.ROOT))
     assert session._wheel_name(Path("antlr4_python3_runtime-4.9.3-py3-none-any.whl")) == "antlr4-python3-runtime"
 
 
