@@ -17,6 +17,9 @@ Hooks and what each does (one core call each):
   Fisher there) with the step's batch first in the context's batches (then fresh training batches, for
   an estimate that needs more than one batch) and the current masks, and log the metrics it returns
   (``fishleg/aux_loss``, ``fishleg/diag_agreement``). Skipped for estimators that do not override it.
+- around every estimate (at a prune, in the step hook): torch's generators and the datamodule's own
+  (``preserved_rng()``, which ImageDataModule offers for its augmentation) are restored afterwards, so
+  the batches an estimate draws leave the batches training sees unchanged, whatever the criterion.
 - ``on_train_epoch_end``: log ``pruning/target_sparsity`` and ``pruning/sparsity``.
 - with ``sparse_kernels=True`` and an N:M pattern, once the last prune is done: swap the N:M layers for
   the sparse modules of :mod:`lightning_fisher.sparse` (``sparsify_training_``, which moves the
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from typing import Any, Literal
 
@@ -298,7 +302,9 @@ class FisherPruning(Callback):
         self._stepped = False
         current = (batch[0], batch[1])
         context = self._context(trainer, pl_module, batches=partial(_step_batches, current, trainer, pl_module))
-        for name, value in self.estimator.on_train_step(context, trainer.global_step).items():
+        with _training_stream_preserved(trainer):
+            metrics = self.estimator.on_train_step(context, trainer.global_step)
+        for name, value in metrics.items():
             pl_module.log(name, value, on_step=True, on_epoch=False)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -412,11 +418,12 @@ class FisherPruning(Callback):
                     f"({self.unit} {position}); prune later or use a data-based estimator"
                 )
             context = self._context(trainer, pl_module)
-            if self.pruner.compensate:
-                inverse_diag = self._all_reduce(trainer, self.estimator.inverse_diagonal(context))
-                inverse_product = partial(self.estimator.inverse_product, context)
-            else:
-                fisher = self._all_reduce(trainer, self.estimator.diagonal(context))
+            with _training_stream_preserved(trainer):
+                if self.pruner.compensate:
+                    inverse_diag = self._all_reduce(trainer, self.estimator.inverse_diagonal(context))
+                    inverse_product = partial(self.estimator.inverse_product, context)
+                else:
+                    fisher = self._all_reduce(trainer, self.estimator.diagonal(context))
         sync = partial(trainer.strategy.broadcast, src=0) if trainer.world_size > 1 else None
         event = self.pruner.step(
             position, fisher, inverse_diag=inverse_diag, inverse_product=inverse_product, sync=sync
@@ -526,6 +533,19 @@ def _step_batches(
     source, built at its first update) reads on; the loader starts only if something reads past the first."""
     yield current
     yield from _training_batches(trainer, pl_module)
+
+
+@contextmanager
+def _training_stream_preserved(trainer: L.Trainer) -> Iterator[None]:
+    """Random state the training stream draws from, restored on exit: torch's global generators (CPU and
+    the training GPU) and the datamodule's own where it offers ``preserved_rng()`` (ImageDataModule's
+    augmentation). The batches a Fisher estimate draws then leave the batches training sees unchanged."""
+    device = trainer.strategy.root_device
+    preserve = getattr(trainer.datamodule, "preserved_rng", None)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), (
+        preserve() if callable(preserve) else nullcontext()
+    ):
+        yield
 
 
 def _before_transfer_hook(trainer: L.Trainer, pl_module: L.LightningModule) -> Callable[[Any, int], Any] | None:

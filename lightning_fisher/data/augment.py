@@ -145,6 +145,17 @@ class BatchAugment(nn.Module):
         self.seed = seed
         self._generators.clear()
 
+    def rng_state(self) -> dict[torch.device, Tensor]:
+        """The state of every augmentation generator created so far, per device (for :meth:`set_rng_state`)."""
+        return {device: generator.get_state() for device, generator in self._generators.items()}
+
+    def set_rng_state(self, state: dict[torch.device, Tensor]) -> None:
+        """Puts the generators back to ``state`` (from :meth:`rng_state`); a device it does not name starts
+        again from ``seed``."""
+        self._generators.clear()
+        for device, generator_state in state.items():
+            self.generator(device).set_state(generator_state)
+
     def generator(self, device: torch.device) -> torch.Generator:
         """The augmentation generator for ``device``, created from ``seed`` on first use."""
         device = torch.device(device)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -215,6 +217,20 @@ class ImageDataModule(L.LightningDataModule, ABC):
         return self.augmenter(images, train=train and self.augment)
 
     @override
+    @contextmanager
+    def preserved_rng(self) -> Iterator[None]:
+        """Batches drawn inside augment as usual, and the augmentation sequence resumes on exit where it was.
+
+        ``FisherPruning`` draws training batches for its Fisher estimates inside this, so an estimate does
+        not change the augmentations training sees next: two runs that differ only in their pruning
+        criterion train on the same stream.
+        """
+        state = self.augmenter.rng_state()
+        try:
+            yield
+        finally:
+            self.augmenter.set_rng_state(state)
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Runs :meth:`transform_batch` on the device; augments only while the trainer is training."""
         images, labels = batch

@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 import lightning_fisher.train  # noqa: F401 - registers the primary config's schema for compose_config
 from lightning_fisher.callbacks import FisherPruning
+from lightning_fisher.data import DigitsDataModule
 from lightning_fisher.fisher import EmpiricalFisher, FisherContext, FisherEstimator, FishLegFisher
 
 
@@ -130,6 +131,35 @@ def test_q0_from_a_data_diagonal_source_reads_all_its_samples_at_the_first_updat
     # Q₀ at step 2, then the refresh before epoch 2's prune (epoch 1's target is 0: nothing is scored); both
     # read 80 samples (Q₀ read the step's batch alone, 32, when the hook's context held nothing else)
     assert source.samples == [80, 80]
+
+
+class _InputRecorder(Callback):
+    def __init__(self) -> None:
+        self.inputs: list[torch.Tensor] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self.inputs.append(batch[0].clone())
+
+
+@pytest.mark.parametrize("estimator", ["empirical", "fishleg"])
+def test_fisher_estimates_leave_the_training_stream_unchanged(make_trainer, make_module, estimator):
+    # The estimates draw augmented training batches (at the prunes; FishLeg's Q₀ also in the step hook);
+    # the augmentations training sees must be those of a run without them.
+    def inputs_seen(callbacks: list) -> list[torch.Tensor]:
+        recorder = _InputRecorder()
+        data = DigitsDataModule(batch_size=32, max_per_class=10, seed=0)  # crop augmentation, 3 batches an epoch
+        make_trainer([recorder, *callbacks], max_epochs=3).fit(make_module(), data)
+        return recorder.inputs
+
+    source = EmpiricalFisher(num_samples=40)
+    fishleg = FishLegFisher(update_every=2, pretrain_steps=1, diagonal_source=source)
+    chosen = source if estimator == "empirical" else fishleg
+    pruning = FisherPruning(estimator=chosen, compensate=estimator == "fishleg", target_sparsity=0.5, start_epoch=1,
+                            end_epoch=2)
+    pruned, plain = inputs_seen([pruning]), inputs_seen([])
+    assert pruning.sparsity == pytest.approx(0.5, abs=1e-3) and len(pruned) == len(plain) == 9
+    assert all(torch.equal(a, b) for a, b in zip(pruned, plain))
 
 
 def test_fisher_criterion_without_compensation_uses_the_implied_diagonal(make_trainer, digits, make_module):

@@ -90,6 +90,20 @@ def test_batch_augment_train_output_and_seeding() -> None:
     assert not bool(torch.isclose(a(images, train=False), black, atol=1e-5).any())
 
 
+def test_batch_augment_rng_state_round_trip() -> None:
+    images = _images(b=16, h=8, w=8)
+    augment = BatchAugment(MEAN, STD, 2, True, seed=3)
+    assert augment.rng_state() == {}  # no generator before the first draw
+    augment(images)
+    state = augment.rng_state()
+    expected = [augment(images), augment(images)]
+    augment(images)  # moves on
+    augment.set_rng_state(state)
+    assert torch.equal(augment(images), expected[0]) and torch.equal(augment(images), expected[1])
+    augment.set_rng_state({})  # a device it does not name restarts from the seed
+    assert torch.equal(augment(images), BatchAugment(MEAN, STD, 2, True, seed=3)(images))
+
+
 def test_batch_augment_without_flip_never_flips() -> None:
     # A left-right ramp image: a flip would reverse it, a crop only shifts it.
     ramp = torch.arange(1, 9, dtype=torch.uint8).mul(20).view(1, 1, 1, 8).expand(100, 1, 8, 8).contiguous()

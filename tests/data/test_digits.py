@@ -57,3 +57,16 @@ def test_batches_are_normalised_and_unflipped() -> None:
     full = dm.transform_batch(dm.train_set.images, train=False)
     assert abs(full.mean().item()) < 0.02 and abs(full.std().item() - 1) < 0.02
     assert normalised.dtype == torch.float32
+
+
+def test_preserved_rng_resumes_the_augmentation_sequence_where_it_was() -> None:
+    dm, reference = (DigitsDataModule(batch_size=32, seed=1) for _ in range(2))
+    dm.setup("fit")
+    images, _ = next(iter(dm.train_dataloader()))
+    first = dm.transform_batch(images, train=True)
+    with dm.preserved_rng():
+        inside = dm.transform_batch(images, train=True)  # drawn inside: augmented like any other
+    after = dm.transform_batch(images, train=True)
+    assert torch.equal(reference.transform_batch(images, train=True), first)
+    assert torch.equal(inside, after) and not torch.equal(inside, first)
+    assert torch.equal(reference.transform_batch(images, train=True), after)  # the second draw, as if none inside
