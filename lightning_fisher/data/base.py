@@ -216,7 +216,6 @@ class ImageDataModule(L.LightningDataModule, ABC):
         """Augments (if ``train`` and ``augment``) and normalises a uint8 batch to float32."""
         return self.augmenter(images, train=train and self.augment)
 
-    @override
     @contextmanager
     def preserved_rng(self) -> Iterator[None]:
         """Batches drawn inside augment as usual, and the augmentation sequence resumes on exit where it was.
@@ -231,6 +230,7 @@ class ImageDataModule(L.LightningDataModule, ABC):
         finally:
             self.augmenter.set_rng_state(state)
 
+    @override
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Runs :meth:`transform_batch` on the device; augments only while the trainer is training."""
         images, labels = batch
