@@ -164,17 +164,17 @@ STEPS: dict[str, Step] = {
 }
 
 
-def step_command(step: Step, smoke: bool, data_root: Path, python: str = sys.executable) -> list[str]:
+def step_command(step: Step, smoke: bool, data_root: Path) -> list[str]:
     """The argv of ``step``: a recipe run in ``.gpu-runs/<name>`` (resumed from its last checkpoint), or a script."""
     args = list(step.smoke_args if smoke else step.args)
     if step.kind == "script":
         if step.data is not None:
             args += ["--data-dir", str(data_root / EXTRACTED[step.data])]
-        return [python, *args]
+        return [sys.executable, *args]
     run_dir = RUNS_DIR / step.name
-    command = [python, "-m", "lightning_fisher.train", *args, f"data.data_dir={data_root / EXTRACTED[step.data]}",
-               f"hydra.run.dir={run_dir}", "logger=csv", "callbacks.rich_progress_bar=null",
-               "++trainer.enable_progress_bar=false"]
+    command = [sys.executable, "-m", "lightning_fisher.train", *args,
+               f"data.data_dir={data_root / EXTRACTED[step.data]}", f"hydra.run.dir={run_dir}", "logger=csv",
+               "callbacks.rich_progress_bar=null", "++trainer.enable_progress_bar=false"]
     if not smoke:
         command.append("trainer=gpu")
     last = run_dir / "checkpoints" / "last.ckpt"
