@@ -76,6 +76,7 @@ class Step:
     needs_cuda: bool = False
     results: tuple[str, ...] = field(default_factory=tuple)  # files (relative to the repository) to keep
     limit_s: float | None = None  # cut after this long, so that one slow step leaves the call to the others
+    alone: bool = True  # a script timed alone; False: it measures no time and runs beside the recipes
 
 
 # Recipe runs: AdamW, cosine, 60 epochs, dense to 10, cubic pruning to 40, fine-tuning to 60 (the gradual
@@ -131,7 +132,8 @@ STEPS: dict[str, Step] = {
     for step in [
         Step("tests", 5, "the fast suite on the image's PyTorch, with the GPU-only tests (kernels, cuSPARSELt, auto)",
              ("-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider"),
-             ("-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/pruning/test_masks.py"), limit_s=300),
+             ("-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/pruning/test_masks.py"), limit_s=300,
+             alone=False),
         Step("kernels", 5, "2:4 kernels vs cuBLAS/cuDNN and cuSPARSELt per layer and end to end; the `auto` table",
              ("benchmarks/kernels.py", "--write-table"), (), needs_cuda=True,
              results=("lightning_fisher/sparse/measured.py",)),
@@ -384,17 +386,29 @@ def _finish(job: _Running, cut: str | None) -> Outcome:
 
 
 def _can_start(queue: list[Step], running: list[_Running], parallel: int) -> bool:
-    if not queue or any(job.step.kind == "script" for job in running):  # a benchmark script is timed alone
+    """Whether ``queue[0]`` may start now: a timed script only with nothing else running, and nothing beside it;
+    the recipes ``parallel`` at a time, with the untimed scripts (the tests) beside them."""
+    if not queue or any(_timed(job.step) for job in running):
         return False
-    return len(running) < (parallel if queue[0].kind == "recipe" else 1)
+    step = queue[0]
+    if _timed(step):
+        return not running
+    if step.kind == "recipe":
+        return sum(job.step.kind == "recipe" for job in running) < parallel
+    return True
+
+
+def _timed(step: Step) -> bool:
+    return step.kind == "script" and step.alone
 
 
 def run_steps(steps: Sequence[Step], smoke: bool, deadline_s: float, parallel: int, data_root: Path,
               logs: Path) -> list[Outcome]:
-    """Runs ``steps``: the scripts one at a time, then the recipes ``parallel`` at a time, until ``deadline_s``."""
+    """Runs ``steps`` until ``deadline_s``: the timed scripts one at a time, then the untimed ones (the tests)
+    beside the recipes, which run ``parallel`` at a time."""
     end = time.monotonic() + deadline_s
     outcomes: list[Outcome] = []
-    queue = [s for s in steps if s.kind == "script"] + [s for s in steps if s.kind == "recipe"]
+    queue = [s for s in steps if _timed(s)] + [s for s in steps if not _timed(s)]
     running: list[_Running] = []
     while queue or running:
         while _can_start(queue, running, parallel) and time.monotonic() < end:

@@ -147,23 +147,31 @@ def test_a_step_limit_and_the_deadline_stop_steps_and_start_no_other(session: Mo
     assert (logs / "sleeper.log").read_text().startswith("$ ")
 
 
-def test_scripts_run_alone_then_recipes_side_by_side(session: ModuleType, scratch: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_timed_scripts_run_alone_then_the_tests_and_recipes_side_by_side(
+        session: ModuleType, scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     stamp = ("import sys, time; open(sys.argv[1], 'a').write(f'{time.time()} '); time.sleep(1.0); "
              "open(sys.argv[1], 'a').write(f'{time.time()}')")
     scripts = [session.Step(f"s{i}", 0, "", (), ("-c", stamp, str(scratch / f"s{i}"))) for i in range(2)]
     recipes = [session.Step(f"r{i}", 0, "", (), ("-c", stamp, str(scratch / f"r{i}")), kind="recipe") for i in range(2)]
-    # the recipes stamp instead of training: the point is the order and the overlap
+    untimed = session.Step("u", 0, "", (), ("-c", stamp, str(scratch / "u")), alone=False)  # like `tests`
+    # the steps stamp instead of working: the point is the order and the overlap
     monkeypatch.setattr(session, "step_command", lambda step, smoke, data_root: [sys.executable, *step.smoke_args])
     logs = scratch / "logs"
     logs.mkdir()
-    outcomes = session.run_steps([*recipes, *scripts], smoke=True, deadline_s=60, parallel=2, data_root=scratch,
-                                 logs=logs)
+    outcomes = session.run_steps([*recipes, untimed, *scripts], smoke=True, deadline_s=60, parallel=2,
+                                 data_root=scratch, logs=logs)
     assert all(o.ok for o in outcomes), outcomes
-    spans = {name: tuple(map(float, (scratch / name).read_text().split())) for name in ("s0", "s1", "r0", "r1")}
-    assert spans["s0"][1] <= spans["s1"][0] and spans["s1"][1] <= min(spans["r0"][0], spans["r1"][0])
-    assert max(spans["r0"][0], spans["r1"][0]) < min(spans["r0"][1], spans["r1"][1])  # the recipes overlapped
+    spans = {name: tuple(map(float, (scratch / name).read_text().split())) for name in ("s0", "s1", "r0", "r1", "u")}
+    timed_end = spans["s1"][1]
+    assert spans["s0"][1] <= spans["s1"][0] and timed_end <= min(spans[name][0] for name in ("r0", "r1", "u"))
+    starts, ends = [spans[name][0] for name in ("r0", "r1", "u")], [spans[name][1] for name in ("r0", "r1", "u")]
+    assert max(starts) < min(ends)  # the recipes overlapped, and the untimed script ran beside them
     assert all((session.RUNS_DIR / name / "DONE").exists() for name in ("r0", "r1"))
+
+
+def test_the_tests_step_is_the_only_untimed_script(session: ModuleType) -> None:
+    untimed = [s.name for s in session.STEPS.values() if s.kind == "script" and not s.alone]
+    assert untimed == ["tests"]
 
 
 def test_a_smoke_call_runs_a_recipe_and_a_benchmark_and_packs_the_results(
