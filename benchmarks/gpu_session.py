@@ -130,8 +130,9 @@ _RECIPE_STEPS = [
 STEPS: dict[str, Step] = {
     step.name: step
     for step in [
-        Step("tests", 5, "the fast suite on the image's PyTorch, with the GPU-only tests (kernels, cuSPARSELt, auto)",
-             ("-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider"),
+        Step("tests", 5, "the sparse tests on the GPU: every kernel test compiled (not interpreted), with the "
+             "GPU-only ones (bf16, cuSPARSELt, auto)",
+             ("-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/sparse"),
              ("-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/pruning/test_masks.py"), limit_s=300,
              alone=False),
         Step("kernels", 5, "2:4 kernels vs cuBLAS/cuDNN and cuSPARSELt per layer and end to end; the `auto` table",
@@ -246,8 +247,7 @@ def plan() -> str:
     """The steps as a markdown table: what each settles, for which issue, what it needs."""
     lines = ["| step | issue | settles | needs |", "|---|---|---|---|"]
     for step in STEPS.values():
-        needs = ", ".join(filter(None, [step.data and f"--data {step.data}", "CUDA" if step.needs_cuda else "",
-                                         "W&B wheels" if step.name == "tests" else ""]))
+        needs = ", ".join(filter(None, [step.data and f"--data {step.data}", "CUDA" if step.needs_cuda else ""]))
         lines.append(f"| `{step.name}` | {step.issue} | {step.settles} | {needs or '-'} |")
     return "\n".join(lines)
 
@@ -484,7 +484,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     packing = commands.add_parser("pack", help="here: fill .gpu/ with the wheels and one data archive")
     packing.add_argument("--data", choices=[*ARCHIVES, "none"], default="cifar10")
     packing.add_argument("--no-wandb", dest="wandb", action="store_false",
-                         help="leave W&B out (the `tests` step then fails on the W&B tests)")
+                         help="leave W&B out: no step needs it (only the whole test suite, run by hand, does)")
     commands.add_parser("plan", help="print the steps")
     running = commands.add_parser("run", help="on the device machine: install, extract, run the steps")
     running.add_argument("steps", nargs="+", help=f"any of: {', '.join(STEPS)}")
