@@ -6,8 +6,11 @@ For the CIFAR ResNet18 (``--width``, 64 = the full model) with the layers Fisher
 * **time**: the median over ``--repeats`` of one AdamW training step (forward, backward, step) on a
   random batch, and of one FishLeg auxiliary update (``FishLegFisher.pretrain(context, 1)``: the
   sampled-label Fisher-vector product, the preconditioned auxiliary gradient, the Adam step on λ) on the
-  same batch, per ``conv_form``; the ratio update/step, and the amortised overhead per training step
-  with one update every ``update_every`` steps (``ratio / update_every``);
+  same batch, per ``conv_form``, with ``--fvp`` (default the recipe's ``ggn``; ``finite_difference`` is
+  the constructor's default); the ``fishleg/diag_agreement`` metric the training hook logs after every
+  update (``--agreement-samples``; its first call after a prune draws the subsample, later calls reuse
+  it); the ratio update/step, and the amortised overhead per training step with one update and one
+  metric every ``update_every`` steps (``(update + metric) / step / update_every``);
 * **memory**: λ's entries (``FishLegFisher.num_parameters()``) plus its Adam state (2 per entry), in fp32
   bytes, as a ratio to the model's parameters + AdamW state (3 per parameter); on CUDA also the peak
   allocated memory of an update as a ratio to the peak of a training step.
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 
 from lightning_fisher.fisher import FishLegFisher
 from lightning_fisher.fisher.base import FisherContext
+from lightning_fisher.fisher.fishleg.estimator import FVP_METHODS
 from lightning_fisher.fisher.fishleg.forms import CONV_FORMS
 from lightning_fisher.models import ResNet18
 from lightning_fisher.pruning.selection import select_parameters
@@ -43,6 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions (after one warm-up)")
     parser.add_argument("--update-every", type=int, default=10, help="FishLeg updates every k training steps")
     parser.add_argument("--conv-forms", default=",".join(CONV_FORMS), help=f"comma-separated subset of {CONV_FORMS}")
+    parser.add_argument("--fvp", default="ggn", choices=FVP_METHODS,
+                        help="Fisher-vector product (ggn: the recipe's; finite_difference: the constructor's default)")
+    parser.add_argument("--agreement-samples", type=int, default=100_000,
+                        help="entries of the diag_agreement metric (FishLegFisher's default; 0: not timed)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -53,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--conv-forms: unknown {unknown}; choose from {list(CONV_FORMS)}")
     if args.update_every < 1 or args.repeats < 1 or args.batch_size < 1:
         parser.error("--update-every, --repeats and --batch-size must be >= 1")
+    if args.agreement_samples < 0:
+        parser.error(f"--agreement-samples {args.agreement_samples}: must be >= 0")
     return args
 
 
@@ -104,23 +114,41 @@ def main(argv: list[str] | None = None) -> None:
           f"torch {torch.__version__} | device {device.type} ({device_name})")
     print(f"budget: ResNet18(width={args.width}), {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{len(params)} layers with a FishLeg block; batch {args.batch_size}; median of {args.repeats} after "
-          f"a warm-up; one update every {args.update_every} steps")
+          f"a warm-up; one update every {args.update_every} steps; fvp={args.fvp}; "
+          f"agreement_samples={args.agreement_samples:,}")
     print(f"dense training step (AdamW): {step_seconds:.4f} s")
     print()
-    print("| conv form | λ entries | Q + Adam state (MB) | memory vs model + AdamW | update (s) | update / step "
+    print("| conv form | λ entries | Q + Adam state (MB) | memory vs model + AdamW | update (s) "
+          "| metric, first after a prune (s) | metric (s) | (update + metric) / step "
           "| overhead per step at 1 update / k | peak memory update / step |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for form in args.conv_forms:
-        estimator = FishLegFisher(conv_form=form, update_every=args.update_every, agreement_samples=0)
+        estimator = FishLegFisher(conv_form=form, update_every=args.update_every, fvp=args.fvp,
+                                  agreement_samples=args.agreement_samples)
         estimator.build(context)
         update_seconds, update_peak = _timed(lambda: estimator.pretrain(context, 1), device, args.repeats)
+        first_metric, metric = _metric_seconds(estimator, context, device, args.repeats)
         entries = estimator.num_parameters()
         q_bytes = 4 * 3 * entries  # λ and Adam's two moments on λ
-        ratio = update_seconds / step_seconds
+        ratio = (update_seconds + metric) / step_seconds
         peak = f"{update_peak / step_peak:.2f}" if update_peak and step_peak else "n/a (CPU)"
         print(f"| {form} | {entries:,} | {q_bytes / 2**20:.1f} | {q_bytes / model_bytes:.2f} | {update_seconds:.4f} "
-              f"| {ratio:.2f} | {100 * ratio / args.update_every:+.1f}% | {peak} |")
+              f"| {first_metric:.4f} | {metric:.4f} | {ratio:.2f} | {100 * ratio / args.update_every:+.1f}% | {peak} |")
         del estimator
+
+
+def _metric_seconds(estimator: FishLegFisher, context: FisherContext, device: torch.device,
+                    repeats: int) -> tuple[float, float]:
+    """Seconds of ``diag_agreement``: its first call (which draws the subsample) and the median of later ones."""
+    if estimator.agreement_samples == 0:
+        return 0.0, 0.0
+    _sync(device)
+    start = time.perf_counter()
+    estimator.diag_agreement(context)
+    _sync(device)
+    first = time.perf_counter() - start
+    later, _ = _timed(lambda: estimator.diag_agreement(context), device, repeats)
+    return first, later
 
 
 if __name__ == "__main__":

@@ -685,6 +685,35 @@ def test_on_train_step_updates_every_k_steps_and_reports_metrics():
     assert FisherEstimator.on_train_step(estimator, context, 2) == {}
 
 
+def test_diag_agreement_draws_its_subsample_once_per_entry_count(monkeypatch):
+    """The seeded subsample is the same draw at every update: it is drawn again only when the number of
+    entries changes (a prune), and the metric is what a fresh draw gives."""
+    model, x, y = _logistic()[0], torch.randn(64, D), torch.randint(0, C, (64,))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    context = _context(model, x, y, optimizer=optimizer, batch_size=64)
+    estimator = FishLegFisher(update_every=1, agreement_samples=5)
+    estimator.build(context)
+    first = estimator.diag_agreement(context)
+    fresh = FishLegFisher(update_every=1, agreement_samples=5)
+    fresh.load_state_dict(estimator.state_dict())
+    fresh.build(context)
+    assert fresh.diag_agreement(context) == first  # the cached draw is the seeded one
+    draws = []
+    real_randperm = torch.randperm
+    monkeypatch.setattr(torch, "randperm", lambda *a, **k: draws.append(a[0]) or real_randperm(*a, **k))
+    assert estimator.diag_agreement(context) == first and draws == []
+    name = next(iter(context.parameters))
+    mask = torch.ones_like(context.parameters[name], dtype=torch.bool)
+    mask.view(-1)[:3] = False
+    context.extra["masks"] = {name: mask}
+    estimator.diag_agreement(context)
+    estimator.diag_agreement(context)
+    assert len(draws) == 1  # fewer entries after a prune: one new draw, then reused
+
+
 # ------------------------------------------------------------------------ state
 
 
