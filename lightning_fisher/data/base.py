@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import lightning as L
-import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 from typing_extensions import override
@@ -19,6 +18,7 @@ from typing_extensions import override
 from lightning_fisher.data.augment import BatchAugment
 from lightning_fisher.data.checks import check_bool, check_int
 from lightning_fisher.data.dataset import ImageTensors, TensorImageDataset, collate_prebatched, subsample_per_class
+from lightning_fisher.data.sampling import EpochShuffle, derive_seed
 
 __all__ = ["SPLITS", "ImageDataModule", "Split"]
 
@@ -50,7 +50,9 @@ class ImageDataModule(L.LightningDataModule, ABC):
         num_workers: DataLoader worker processes. ``0`` is usually fastest: a batch is one slice.
         pin_memory: pin batches in page-locked memory (faster host-to-GPU copies).
         seed: seeds the training shuffle, the ``max_per_class`` choice, any split the subclass
-            draws, and the augmentation sequence (offset by the global rank under DDP).
+            draws, and the augmentation sequence. Each epoch's order and augmentations are drawn from
+            ``(seed, epoch)`` (and the global rank, for the augmentations), so a run resumed from an
+            end-of-epoch checkpoint trains on the same batches as an uninterrupted one.
         max_per_class: keep at most this many training images per class (chosen at random by
             ``seed``) for quick runs; ``None`` keeps all. The test split is never reduced.
         augment: apply the training augmentation (random crop with padding, flip where it makes
@@ -113,6 +115,7 @@ class ImageDataModule(L.LightningDataModule, ABC):
         self.test_set: TensorImageDataset | None = None
         self.classes: tuple[str, ...] | None = None
         self._decoded: dict[Split, ImageTensors] = {}
+        self._augment_epoch: int | None = None  # the epoch the augmentation sequence was last seeded for
 
     @abstractmethod
     def _load_split(self, split: Split) -> ImageTensors:
@@ -157,14 +160,16 @@ class ImageDataModule(L.LightningDataModule, ABC):
             self.classes = test.classes
         if stage in (None, "fit"):
             rank = self.trainer.global_rank if self.trainer is not None else 0
-            self.augmenter.reseed((self.seed + rank) % 2**63)
+            self.augmenter.reseed((self.seed + rank) % 2**63)  # outside a trainer; a trainer's epochs reseed it
+            self._augment_epoch = None
         # The datasets share the tensors; drop the extra references so a split that is not used
         # in this stage (train, for a test-only run) is freed.
         self._decoded.clear()
 
     @override
     def train_dataloader(self) -> DataLoader[Any]:
-        """Shuffled training batches; the order is fixed by ``seed``.
+        """Shuffled training batches; each epoch's order is drawn from ``(seed, epoch)``
+        (:class:`~lightning_fisher.data.sampling.EpochShuffle`; the trainer sets the epoch).
 
         The last incomplete batch is dropped when there is at least one full batch (a batch of one
         image breaks BatchNorm, and every epoch then has the same number of steps).
@@ -174,12 +179,10 @@ class ImageDataModule(L.LightningDataModule, ABC):
         train_set = self.train_set
         if train_set is None:
             raise RuntimeError(f"{type(self).__name__}.setup('fit') did not build the training set")
-        generator = torch.Generator().manual_seed(self.seed)
         return self._loader(
             train_set,
             self.batch_size,
-            shuffle=True,
-            generator=generator,
+            sampler=EpochShuffle(len(train_set), self.seed),
             drop_last=len(train_set) >= self.batch_size,
         )
 
@@ -224,16 +227,24 @@ class ImageDataModule(L.LightningDataModule, ABC):
         not change the augmentations training sees next: two runs that differ only in their pruning
         criterion train on the same stream.
         """
-        state = self.augmenter.rng_state()
+        seed, state, epoch = self.augmenter.seed, self.augmenter.rng_state(), self._augment_epoch
         try:
             yield
         finally:
+            self.augmenter.reseed(seed)
             self.augmenter.set_rng_state(state)
+            self._augment_epoch = epoch
 
     @override
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Runs :meth:`transform_batch` on the device; augments only while the trainer is training."""
+        """Runs :meth:`transform_batch` on the device; augments only while the trainer is training, from a
+        sequence seeded at each epoch's first training batch by ``(seed, rank, epoch)``."""
         images, labels = batch
         training = self.trainer is not None and self.trainer.training
+        if training and self.augment:
+            epoch = self.trainer.current_epoch
+            if epoch != self._augment_epoch:
+                self.augmenter.reseed(derive_seed(self.seed, self.trainer.global_rank, epoch))
+                self._augment_epoch = epoch
         return self.transform_batch(images, train=training), labels
 

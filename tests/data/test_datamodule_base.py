@@ -89,10 +89,14 @@ def test_shuffle_is_reproducible_given_seed() -> None:
     la, lb = torch.cat(_epoch_labels(a)), torch.cat(_epoch_labels(b))
     assert torch.equal(la, lb)
     loader = a.train_dataloader()
-    first, second = torch.cat([y for _, y in loader]), torch.cat([y for _, y in loader])
+    first, again = torch.cat([y for _, y in loader]), torch.cat([y for _, y in loader])
+    assert torch.equal(first, again)  # every pass within an epoch: the same order (a Fisher estimate's too)
+    loader.sampler.set_epoch(1)  # what the trainer does at each epoch start
+    second = torch.cat([y for _, y in loader])
     assert not torch.equal(first, second)  # each epoch reshuffles...
-    again = a.train_dataloader()
-    assert torch.equal(torch.cat([y for _, y in again]), first)  # ...and a new loader replays the sequence
+    rebuilt = a.train_dataloader()
+    rebuilt.sampler.set_epoch(1)
+    assert torch.equal(torch.cat([y for _, y in rebuilt]), second)  # ...from (seed, epoch) alone: a resume replays it
     assert not torch.equal(torch.cat(_epoch_labels(c)[:1]), torch.cat(_epoch_labels(a)[:1]))
 
 
@@ -146,12 +150,29 @@ def test_hook_augments_only_while_training(augment: bool) -> None:
     dm = DigitsDataModule(batch_size=256, augment=augment)
     images, labels = next(iter(dm.train_dataloader()))
     plain = normalize(images, torch.tensor(dm.mean), torch.tensor(dm.std))
-    dm.trainer = SimpleNamespace(training=True, global_rank=0)
+    dm.trainer = SimpleNamespace(training=True, global_rank=0, current_epoch=0)
     trained, _ = dm.on_after_batch_transfer((images, labels), 0)
     assert trained.shape == images.shape and trained.dtype == torch.float32
     assert torch.equal(trained, plain) != augment
-    dm.trainer = SimpleNamespace(training=False, global_rank=0)
+    dm.trainer = SimpleNamespace(training=False, global_rank=0, current_epoch=0)
     assert torch.equal(dm.on_after_batch_transfer((images, labels), 0)[0], plain)
+
+
+def test_each_epoch_augments_from_seed_rank_and_epoch_alone() -> None:
+    """A run resumed at epoch 1 augments epoch 1 as the run that went through epoch 0 does."""
+    def augmented(dm: DigitsDataModule, epoch: int, rank: int = 0) -> list[torch.Tensor]:
+        dm.trainer = SimpleNamespace(training=True, global_rank=rank, current_epoch=epoch)
+        images = dm.train_set.images[:64]
+        return [dm.on_after_batch_transfer((images, None), 0)[0] for _ in range(2)]  # two batches of the epoch
+
+    through, resumed, other_rank = (DigitsDataModule(seed=5) for _ in range(3))
+    for dm in (through, resumed, other_rank):
+        dm.setup("fit")
+    epoch0 = augmented(through, 0)
+    epoch1 = augmented(through, 1)
+    assert all(torch.equal(x, y) for x, y in zip(augmented(resumed, 1), epoch1, strict=True))
+    assert not torch.equal(epoch1[0], epoch1[1])  # the sequence runs on within an epoch
+    assert not torch.equal(epoch0[0], epoch1[0]) and not torch.equal(augmented(other_rank, 1, rank=1)[0], epoch1[0])
 
 
 def test_setup_offsets_the_augmentation_seed_by_rank() -> None:
