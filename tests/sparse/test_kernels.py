@@ -6,6 +6,7 @@ Largest errors measured under the interpreter over these shapes and seeds: fp32 
 more there; outputs reach 46).
 """
 
+import importlib
 import subprocess
 import sys
 
@@ -24,6 +25,7 @@ from lightning_fisher.sparse.kernels import (
     nm_linear_grad_input_reference,
     nm_linear_reference,
 )
+from lightning_fisher.sparse.kernels.nm_linear_gemv import nm_linear_gemv
 
 TOL = {torch.float32: {"atol": 1e-4, "rtol": 1e-4}, torch.float16: {"atol": 2e-2, "rtol": 1e-2},
        torch.bfloat16: {"atol": 1e-1, "rtol": 2e-2}}
@@ -50,6 +52,35 @@ def test_linear_equals_dense_masked_product(make_nm, device, dtype, n, m, batch,
     _expect(y, reference)
     no_bias = nm_linear(x.to(device, dtype), packed.values.to(device, dtype), packed.codes.to(device), n, m)
     _expect(no_bias, x.double() @ weight.double().T)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 3)])
+@pytest.mark.parametrize("batch,rows,k", [(1, 13, 24), (16, 33, 48)])
+@pytest.mark.parametrize("kernel", ["dot", "gemv"])  # "auto" (gemv here) runs in the test above, at batch 7
+def test_linear_kernels_for_a_few_rows_equal_the_dense_masked_product(make_nm, device, dtype, n, m, batch, rows, k,
+                                                                       kernel):
+    k -= k % m
+    weight = make_nm((rows, k), n, m, seed=4)
+    packed = compress(weight, n, m)
+    x = torch.randn(batch, k, generator=torch.Generator().manual_seed(5))
+    bias = torch.randn(rows, generator=torch.Generator().manual_seed(6))
+    y = nm_linear(x.to(device, dtype), packed.values.to(device, dtype), packed.codes.to(device), n, m,
+                  bias.to(device, dtype), kernel=kernel)
+    assert y.dtype == dtype and y.shape == (batch, rows)
+    _expect(y, x.double() @ weight.double().T + bias.double())
+
+
+def test_gemv_takes_strided_input_and_at_most_16_rows(make_nm, device):
+    weight = make_nm((24, 32), 2, 4)
+    packed = compress(weight, 2, 4)
+    x = torch.randn(32, 9).T  # (9, 32), column-major
+    _expect(nm_linear_gemv(x.to(device), packed.values.to(device), packed.codes.to(device), 2, 4),
+            x.double() @ weight.double().T)
+    with pytest.raises(ValueError, match=r"x.shape\[0\]=17: nm_linear_gemv takes at most 16 rows"):
+        nm_linear_gemv(torch.randn(17, 32, device=device), packed.values.to(device), packed.codes.to(device), 2, 4)
+    with pytest.raises(ValueError, match="kernel='gemm': must be one of"):
+        nm_linear(x.to(device), packed.values.to(device), packed.codes.to(device), 2, 4, kernel="gemm")
 
 
 def test_linear_takes_strided_input(make_nm, device):
@@ -207,6 +238,20 @@ def test_bfloat16_on_gpu(make_nm, n, m):
     xc = torch.randn(4, 16, 9, 9)
     yc = nm_conv2d(xc.cuda().bfloat16(), cp.values.cuda().bfloat16(), cp.codes.cuda(), 2, 4, 3, 2, 1)
     _expect(yc, F.conv2d(xc.double(), conv.double(), None, 2, 1))
+
+
+@pytest.mark.gpu
+def test_auto_kernel_times_both_once_per_shape_on_gpu(make_nm):
+    weight = make_nm((512, 1024), 2, 4, seed=15)
+    packed = compress(weight, 2, 4)
+    x = torch.randn(4, 1024)
+    values, codes = packed.values.cuda().bfloat16(), packed.codes.cuda()
+    y = nm_linear(x.cuda().bfloat16(), values, codes, 2, 4)
+    _expect(y, x.double() @ weight.double().T)
+    measured = importlib.import_module("lightning_fisher.sparse.kernels.nm_linear")._CHOSEN
+    chosen = [v for key, v in measured.items() if key[:2] == (4, tuple(values.shape))]
+    assert len(chosen) == 1 and chosen[0] in ("dot", "gemv")
+    _expect(nm_linear_gemv(x.cuda().bfloat16(), values, codes, 2, 4), x.double() @ weight.double().T)
 
 
 @pytest.mark.gpu

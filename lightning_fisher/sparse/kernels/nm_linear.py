@@ -5,6 +5,10 @@ X is ``(B, K)``; W is ``(R, K)``, stored as values ``(R, K·N/M)`` and codes (se
 ``BLOCK_B × BLOCK_R`` tile of Y: it walks K in ``BLOCK_K`` steps, loads an X tile (masked at the edges),
 rebuilds the matching W tile in registers (``_nm_tile``) and accumulates ``tl.dot`` in fp32. fp16, bf16
 and fp32 inputs (fp32 uses TF32 only when ``torch.backends.cuda.matmul.allow_tf32`` is on).
+
+For at most 16 rows of X, ``nm_linear`` can instead run :func:`~.nm_linear_gemv.nm_linear_gemv`, which
+never forms W (``kernel="gemv"``); ``kernel="auto"`` times both once per shape on the GPU and keeps the
+faster.
 """
 
 from __future__ import annotations
@@ -24,8 +28,12 @@ from lightning_fisher.sparse.kernels._triton import (
     input_precision,
     use_gather,
 )
+from lightning_fisher.sparse.kernels.nm_linear_gemv import GEMV_MAX_BATCH, nm_linear_gemv
 
-__all__ = ["nm_linear", "nm_linear_reference"]
+__all__ = ["LINEAR_KERNELS", "nm_linear", "nm_linear_reference"]
+
+LINEAR_KERNELS = ("auto", "dot", "gemv")
+_CHOSEN: dict[tuple, str] = {}  # kernel="auto" on a GPU: the faster kernel per shape, measured once
 
 if HAS_TRITON:
     import triton
@@ -123,6 +131,7 @@ def nm_linear(
     m: int,
     bias: Tensor | None = None,
     autotune: bool | None = None,
+    kernel: str = "auto",
 ) -> Tensor:
     """``x @ Wᵀ + bias`` with ``W`` given compressed (``values``, ``codes``, ``n``:``m``).
 
@@ -131,10 +140,20 @@ def nm_linear(
         values, codes: the compressed ``(R, K)`` weight, same device, ``values`` in ``x``'s dtype.
         bias: ``(R,)`` or ``None``.
         autotune: pick the tile with ``triton.autotune`` (default: on a GPU; never when interpreting).
+        kernel: ``"dot"`` (tensor cores on rebuilt W tiles, any B), ``"gemv"`` (kept values only, B ≤ 16) or
+            ``"auto"``: ``"dot"`` above 16 rows; up to 16, on a GPU the faster of the two, timed at the
+            first call for each shape and dtype (by rule, ``"gemv"``, while a CUDA graph is being captured
+            or when interpreting).
 
     Returns:
         ``(B, R)`` in ``x``'s dtype.
     """
+    if kernel not in LINEAR_KERNELS:
+        raise ValueError(f"kernel={kernel!r}: must be one of {LINEAR_KERNELS}")
+    if kernel == "auto" and x.ndim == 2 and 0 < x.shape[0] <= GEMV_MAX_BATCH:
+        kernel = _choose(x, values, codes, n, m, bias, autotune)
+    if kernel == "gemv":
+        return nm_linear_gemv(x, values, codes, n, m, bias, autotune)
     k = check_compressed(values, codes, n, m)
     if x.ndim != 2 or x.shape[1] != k:
         raise ValueError(f"x.shape={tuple(x.shape)}: must be (B, {k}) for values of shape {tuple(values.shape)}")
@@ -164,6 +183,21 @@ def nm_linear(
         grid = (triton.cdiv(batch, config["BLOCK_B"]) * triton.cdiv(rows, config["BLOCK_R"]),)
         _nm_linear_kernel[grid](*args, **meta, **config)
     return y
+
+
+def _choose(x: Tensor, values: Tensor, codes: Tensor, n: int, m: int, bias: Tensor | None,
+            autotune: bool | None) -> str:
+    if _triton.INTERPRET or not x.is_cuda or torch.cuda.is_current_stream_capturing():
+        return "gemv"
+    key = (x.shape[0], tuple(values.shape), n, m, x.dtype, bias is not None, torch.cuda.get_device_name(x.device))
+    if key not in _CHOSEN:
+        from triton.testing import do_bench
+
+        seconds = {name: do_bench(lambda name=name: nm_linear(x, values, codes, n, m, bias, autotune, name),
+                                  warmup=10, rep=30)
+                   for name in ("dot", "gemv")}
+        _CHOSEN[key] = min(seconds, key=seconds.__getitem__)
+    return _CHOSEN[key]
 
 
 def nm_linear_reference(
