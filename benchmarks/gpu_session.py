@@ -138,6 +138,11 @@ STEPS: dict[str, Step] = {
         Step("kernels", 5, "2:4 kernels vs cuBLAS/cuDNN and cuSPARSELt per layer and end to end; the `auto` table",
              ("benchmarks/kernels.py", "--write-table"), (), needs_cuda=True,
              results=("lightning_fisher/sparse/measured.py",)),
+        Step("kernels_linear", 5, "only part (b), the Linear shapes, where the small-batch gemv kernel is the "
+             "candidate for the >= 1.5x goal at batch <= 16 (24 of the 90 rows `kernels` timed in 445 s; merges "
+             "into the `auto` table)",
+             ("benchmarks/kernels.py", "--parts", "linear", "--write-table"), (), needs_cuda=True,
+             results=("lightning_fisher/sparse/measured.py",)),
         Step("fishleg_overhead", 4, "FishLeg's update time and Q's memory per conv form, as ratios to a dense step",
              ("benchmarks/fishleg_overhead.py", "--width", "64", "--device", "cuda", "--batch-size", "128"),
              ("benchmarks/fishleg_overhead.py", "--width", "4", "--batch-size", "4", "--repeats", "1")),

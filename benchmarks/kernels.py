@@ -169,10 +169,18 @@ def format_rows(title: str, device: str, rows: Sequence[dict]) -> str:
 
 
 def merge_measurements(old: Sequence[dict], new: Sequence[dict], device: str) -> list[dict]:
-    """``old`` without this device's entries, then ``new`` (stripped to the keys ``auto`` reads)."""
+    """``old`` without the entries ``new`` measures again (same device, layer, pattern, dtype and batch), then
+    ``new`` (stripped to the keys ``auto`` reads): a run of some ``--parts`` or batches keeps the rest."""
     keep = ("device", "kind", "shape", "input_hw", "pattern", "dtype", "batch", "ms")
-    kept = [entry for entry in old if entry["device"] != device]
-    return kept + [{key: row[key] for key in keep if key in row} for row in new]
+
+    def identity(entry: dict) -> tuple:
+        hw = entry.get("input_hw")
+        return (entry["device"], entry["kind"], tuple(entry["shape"]), tuple(hw) if hw else None, entry["pattern"],
+                entry["dtype"], int(entry["batch"]))
+
+    fresh = [{key: row[key] for key in keep if key in row} | {"device": device} for row in new]
+    remeasured = {identity(entry) for entry in fresh}
+    return [entry for entry in old if identity(entry) not in remeasured] + fresh
 
 
 def render_measured_module(entries: Sequence[dict], devices: Sequence[str]) -> str:

@@ -61,9 +61,14 @@ def test_table_text(bench):
 
 
 def test_written_table_is_what_auto_reads(bench, tmp_path):
-    old = [{**_row(1, 1.0, 2.0), "device": "GPU-OLD"}, {**_row(1, 1.0, 2.0), "device": "GPU-X"}]
+    conv = {**_row(1, 1.0, 2.0), "kind": "conv2d", "shape": [64, 64, 3, 3, 1, 1, 1, 1, 1, 1], "input_hw": [32, 32]}
+    old = [{**_row(1, 1.0, 2.0), "device": "GPU-OLD"}, {**_row(1, 1.0, 2.0), "device": "GPU-X"}, conv]
     merged = bench.merge_measurements(old, [_row(1, 0.02, 0.0125), _row(16, 0.03, 0.02)], "GPU-X")
-    assert [e["device"] for e in merged] == ["GPU-OLD", "GPU-X", "GPU-X"]
+    # the remeasured linear row is replaced; another device's row and this device's unmeasured conv stay
+    assert [(e["device"], e["kind"], e["batch"]) for e in merged] == [
+        ("GPU-OLD", "linear", 1), ("GPU-X", "conv2d", 1), ("GPU-X", "linear", 1), ("GPU-X", "linear", 16)]
+    assert merged[2]["ms"]["triton"] == 0.0125
+    merged = [e for e in merged if e["kind"] == "linear"]
     assert "label" not in merged[1] and "max_abs_error" not in merged[1]
     path = tmp_path / "measured.py"
     path.write_text(bench.render_measured_module(merged, ["GPU-OLD", "GPU-X"]))
