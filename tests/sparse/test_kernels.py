@@ -83,6 +83,13 @@ def test_gemv_takes_strided_input_and_at_most_16_rows(make_nm, device):
         nm_linear(x.to(device), packed.values.to(device), packed.codes.to(device), 2, 4, kernel="gemm")
 
 
+@pytest.mark.parametrize("block_b", [1, 2, 4, 8, 16])
+def test_gemv_autotuning_keeps_tiles_that_fit_each_batch(block_b):
+    gemv = importlib.import_module("lightning_fisher.sparse.kernels.nm_linear_gemv")
+    kept = gemv._fits_registers(gemv._configs(), {}, BLOCK_B=block_b)
+    assert len(kept) >= 3 and all(block_b * c.kwargs["BLOCK_R"] * c.kwargs["BLOCK_C"] <= 8192 for c in kept)
+
+
 def test_linear_takes_strided_input(make_nm, device):
     weight = make_nm((16, 32), 2, 4)
     packed = compress(weight, 2, 4)

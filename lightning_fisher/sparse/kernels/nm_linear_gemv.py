@@ -30,8 +30,10 @@ if HAS_TRITON:
 
 
 def _configs() -> list:
-    """Autotuning candidates (GPU only): many small row blocks, so that enough programs stream the weight."""
+    """Autotuning candidates (GPU only): many small row blocks, so that enough programs stream the weight;
+    ``_fits_registers`` keeps those that suit the batch (at 16 rows, the first three)."""
     shapes = [  # BLOCK_R, BLOCK_C, num_warps
+        (4, 64, 2), (4, 128, 2), (8, 64, 2),
         (4, 256, 2), (8, 128, 2), (8, 256, 4), (16, 64, 2), (16, 128, 4), (32, 64, 4), (32, 128, 4),
     ]
     return [triton.Config({"BLOCK_R": r, "BLOCK_C": c}, num_warps=w, num_stages=3) for r, c, w in shapes]
