@@ -317,6 +317,15 @@ def machine_lines() -> list[str]:
     return lines
 
 
+def _epochs_validated(run_dir: Path) -> int:
+    """How many distinct epochs have a ``val/acc`` in the run's CSV logs (every version: resumed calls)."""
+    epochs = set()
+    for metrics in run_dir.glob("csv/version_*/metrics.csv"):
+        with metrics.open() as handle:
+            epochs.update(row["epoch"] for row in csv.DictReader(handle) if row.get("val/acc") and row.get("epoch"))
+    return len(epochs)
+
+
 def _final_metrics(run_dir: Path) -> str:
     """The last value of each test/ and val/acc metric in the run's CSV log, e.g. ``test/acc=0.8512``."""
     values: dict[str, str] = {}
@@ -349,6 +358,7 @@ class _Running:
     process: subprocess.Popen
     log_path: Path
     started: float
+    epochs_before: int = 0  # a recipe's epochs validated before this call
 
 
 def _start(step: Step, smoke: bool, data_root: Path, logs: Path) -> _Running:
@@ -360,7 +370,8 @@ def _start(step: Step, smoke: bool, data_root: Path, logs: Path) -> _Running:
         # a session of its own, so that the deadline stops the step's children (DataLoader workers) too
         process = subprocess.Popen(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT,
                                    env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
-    return _Running(step, process, log_path, time.monotonic())
+    epochs = _epochs_validated(RUNS_DIR / step.name) if step.kind == "recipe" else 0
+    return _Running(step, process, log_path, time.monotonic(), epochs)
 
 
 def _stop(job: _Running) -> None:
@@ -385,6 +396,9 @@ def _finish(job: _Running, cut: str | None) -> Outcome:
         if cut:
             status = f"cut at {cut}: name it again on the warm machine to resume from last.ckpt"
         details = _final_metrics(run_dir) or "-"
+        done = _epochs_validated(run_dir) - job.epochs_before
+        if done > 0:  # what a step costs, to plan calls: the start-up (data, checkpoint) is included
+            details += f"; {done} epochs in this call, {seconds / done:.1f} s each"
     elif cut:
         status = f"cut at {cut}"
     return Outcome(step.name, status, ok, seconds, details)

@@ -183,7 +183,7 @@ def test_a_smoke_call_runs_a_recipe_and_a_benchmark_and_packs_the_results(
     summary = (out / "session.md").read_text()
     assert code == 0, summary
     assert "| `fishleg_overhead` | ok |" in summary and "| `kernels` | skipped: needs CUDA" in summary
-    assert "| `squisher95` | ok |" in summary and "test/acc=" in summary
+    assert "| `squisher95` | ok |" in summary and "test/acc=" in summary and "; 3 epochs in this call, " in summary
     assert (session.RUNS_DIR / "squisher95" / "DONE").exists()
     with tarfile.open(out / "gpu_session.tar.gz") as tar:
         names = set(tar.getnames())
