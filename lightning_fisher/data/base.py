@@ -51,8 +51,9 @@ class ImageDataModule(L.LightningDataModule, ABC):
         pin_memory: pin batches in page-locked memory (faster host-to-GPU copies).
         seed: seeds the training shuffle, the ``max_per_class`` choice, any split the subclass
             draws, and the augmentation sequence. Each epoch's order and augmentations are drawn from
-            ``(seed, epoch)`` (and the global rank, for the augmentations), so a run resumed from an
-            end-of-epoch checkpoint trains on the same batches as an uninterrupted one.
+            ``(seed, epoch)`` (and the global rank, for the augmentations; under DDP the order is
+            Lightning's ``DistributedSampler``'s, from the global seed and the epoch), so a run resumed
+            from an end-of-epoch checkpoint trains on the same batches as an uninterrupted one.
         max_per_class: keep at most this many training images per class (chosen at random by
             ``seed``) for quick runs; ``None`` keeps all. The test split is never reduced.
         augment: apply the training augmentation (random crop with padding, flip where it makes

@@ -7,7 +7,7 @@ import hashlib
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import RandomSampler
 
 __all__ = ["EpochShuffle", "derive_seed"]
 
@@ -19,7 +19,7 @@ def derive_seed(*keys: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-class EpochShuffle(Sampler[int]):
+class EpochShuffle(RandomSampler):
     """A random order of ``range(size)`` drawn from ``(seed, epoch)`` alone.
 
     Lightning calls :meth:`set_epoch` at the start of every training epoch (as for a
@@ -27,11 +27,15 @@ class EpochShuffle(Sampler[int]):
     from a generator it advances, so a loader rebuilt after a resume replays epoch 0's order, and any
     extra pass over the loader (a Fisher estimate reading training batches) shifts every later epoch.
     Here every pass over the loader in one epoch yields the same order, whatever came before.
+
+    A ``RandomSampler`` for Lightning's sake: under DDP it sees a shuffled loader and puts a
+    ``DistributedSampler(shuffle=True)`` in its place, whose order is also a function of (seed, epoch).
     """
 
     def __init__(self, size: int, seed: int) -> None:
         if not isinstance(size, int) or size < 0:
             raise ValueError(f"size={size!r}: must be an integer >= 0")
+        super().__init__(range(size))
         self.size = size
         self.seed = seed
         self.epoch = 0

@@ -100,6 +100,22 @@ def test_shuffle_is_reproducible_given_seed() -> None:
     assert not torch.equal(torch.cat(_epoch_labels(c)[:1]), torch.cat(_epoch_labels(a)[:1]))
 
 
+def test_lightning_sees_a_shuffled_training_loader() -> None:
+    """Under DDP Lightning replaces a shuffled loader's sampler by DistributedSampler(shuffle=True); an
+    unrecognised sampler would be wrapped unshuffled, and every epoch would repeat one order."""
+    from lightning.pytorch.trainer.connectors.data_connector import _get_distributed_sampler
+    from lightning.pytorch.utilities.data import _is_dataloader_shuffled
+    from torch.utils.data import DistributedSampler
+
+    dm = DigitsDataModule(batch_size=64, seed=7)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert _is_dataloader_shuffled(loader)
+    sampler = _get_distributed_sampler(loader, shuffle=True, overfit_batches=0, num_replicas=2, rank=0)
+    assert isinstance(sampler, DistributedSampler) and sampler.shuffle
+    assert not _is_dataloader_shuffled(dm.val_dataloader())
+
+
 def test_train_loader_drops_the_last_partial_batch() -> None:
     dm = DigitsDataModule(batch_size=100)  # 1,438 training images
     sizes = [len(y) for y in _epoch_labels(dm)]
