@@ -27,6 +27,7 @@ Needs CUDA and Triton; without a GPU it exits with a message (status 2).
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import pprint
 import sys
@@ -42,6 +43,7 @@ from lightning_fisher.models import ResNet18
 from lightning_fisher.sparse import compress, layer_key, to_sparse
 from lightning_fisher.sparse.format import from_reduction_matrix, to_reduction_matrix
 from lightning_fisher.sparse.functional import im2col_nhwc
+from lightning_fisher.sparse.kernels.nm_linear_gemv import GEMV_MAX_BATCH
 
 __all__ = [
     "LINEAR_SHAPES",
@@ -168,6 +170,21 @@ def format_rows(title: str, device: str, rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_linear_kernels(rows: Sequence[dict]) -> str:
+    """For the Linear rows of at most 16 input rows: each Triton kernel's time beside dense, and which one
+    ``nm_linear(kernel="auto")`` (the ``triton`` column) picked."""
+    lines = ["Triton kernels behind the `triton` column at batch <= 16 (ms; ratio to dense):"]
+    for row in rows:
+        kernel_ms = row.get("kernels_ms")
+        if not kernel_ms:
+            continue
+        dense = row["ms"]["dense"]
+        parts = ", ".join(f"{name} {value:.4f} ({_ratio(dense, value).strip()})" for name, value in kernel_ms.items())
+        chosen = min(kernel_ms, key=kernel_ms.__getitem__)
+        lines.append(f"  {row['label']} {row['dtype']} batch {row['batch']}: {parts}; faster: {chosen}")
+    return "\n".join(lines) if len(lines) > 1 else ""
+
+
 def merge_measurements(old: Sequence[dict], new: Sequence[dict], device: str) -> list[dict]:
     """``old`` without the entries ``new`` measures again (same device, layer, pattern, dtype and batch), then
     ``new`` (stripped to the keys ``auto`` reads): a run of some ``--parts`` or batches keeps the rest."""
@@ -260,10 +277,16 @@ def _time_layer(layer: LayerShape, batch: int, dtype: torch.dtype, args: argpars
             errors[name] = float((result.float() - reference.float()).abs().max())
         median, low, high = _bench(fn, args.warmup, args.rep)
         ms[name], spread[name] = median, (low, high)
+    kernel_ms: dict[str, float] = {}
+    if layer.kind == "linear" and batch <= GEMV_MAX_BATCH:  # what nm_linear(kernel="auto") chose between
+        for kernel in ("dot", "gemv"):
+            run = functools.partial(kernels.nm_linear, x, packed.values, packed.codes, 2, 4, kernel=kernel)
+            run()
+            kernel_ms[kernel] = _bench(run, args.warmup, args.rep)[0]
     return {"label": layer.label, "kind": layer.kind, "shape": list(layer.shape),
             "input_hw": list(layer.input_hw) if layer.input_hw else None, "pattern": "2:4",
             "dtype": str(dtype).removeprefix("torch."), "batch": batch, "ms": ms, "p20_p80": spread,
-            "max_abs_error": errors}
+            "max_abs_error": errors, "kernels_ms": kernel_ms}
 
 
 def _masked_resnet(width: int, dtype: torch.dtype) -> nn.Module:
@@ -361,6 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows = [_time_layer(LayerShape("linear", shape), batch, dtype, args)
                     for shape in LINEAR_SHAPES for batch in args.batches_linear]
             print("\n" + format_rows(f"(b) Linear layers, {dtype_name}", device, rows))
+            print(format_linear_kernels(rows))
             measured += rows
     worst_error = max((e for row in measured for e in row["max_abs_error"].values()), default=0.0)
     if measured:

@@ -60,6 +60,14 @@ def test_table_text(bench):
     assert " 0.75x" in lines[4]
 
 
+def test_linear_kernel_lines(bench):
+    rows = [{**_row(1, 0.02, 0.0125), "kernels_ms": {"dot": 0.08, "gemv": 0.0125}}, _row(128, 0.03, 0.04)]
+    text = bench.format_linear_kernels(rows)
+    assert text.splitlines()[1] == ("  linear 4096x4096 float16 batch 1: dot 0.0800 (0.25x), gemv 0.0125 (1.60x); "
+                                    "faster: gemv")
+    assert len(text.splitlines()) == 2 and bench.format_linear_kernels([_row(128, 0.03, 0.04)]) == ""
+
+
 def test_written_table_is_what_auto_reads(bench, tmp_path):
     conv = {**_row(1, 1.0, 2.0), "kind": "conv2d", "shape": [64, 64, 3, 3, 1, 1, 1, 1, 1, 1], "input_hw": [32, 32]}
     old = [{**_row(1, 1.0, 2.0), "device": "GPU-OLD"}, {**_row(1, 1.0, 2.0), "device": "GPU-X"}, conv]
