@@ -36,7 +36,6 @@ class EpochShuffle(RandomSampler):
         if not isinstance(size, int) or size < 0:
             raise ValueError(f"size={size!r}: must be an integer >= 0")
         super().__init__(range(size))
-        self.size = size
         self.seed = seed
         self.epoch = 0
 
@@ -45,7 +44,4 @@ class EpochShuffle(RandomSampler):
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
-        return iter(torch.randperm(self.size, generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return self.size
+        return iter(torch.randperm(len(self.data_source), generator=generator).tolist())

@@ -668,13 +668,18 @@ def test_nm_with_fishleg_scores_keeps_the_top_n_of_every_group(trained_mlp):
 # ------------------------------------------------------------------------ training hook
 
 
-def test_on_train_step_updates_every_k_steps_and_reports_metrics():
+def _context_after_an_adam_step() -> FisherContext:
+    """The logistic model after one Adam step (so the Squisher has state), with its batch as the context's."""
     model, x, y = _logistic()[0], torch.randn(64, D), torch.randint(0, C, (64,))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     optimizer.zero_grad()
     F.cross_entropy(model(x), y).backward()
     optimizer.step()
-    context = _context(model, x, y, optimizer=optimizer, batch_size=64)
+    return _context(model, x, y, optimizer=optimizer, batch_size=64)
+
+
+def test_on_train_step_updates_every_k_steps_and_reports_metrics():
+    context = _context_after_an_adam_step()
     estimator = FishLegFisher(update_every=2)
     assert estimator.on_train_step(context, 1) == {}
     assert estimator.updates == 0
@@ -688,12 +693,7 @@ def test_on_train_step_updates_every_k_steps_and_reports_metrics():
 def test_diag_agreement_draws_its_subsample_once_per_entry_count(monkeypatch):
     """The seeded subsample is the same draw at every update: it is drawn again only when the number of
     entries changes (a prune), and the metric is what a fresh draw gives."""
-    model, x, y = _logistic()[0], torch.randn(64, D), torch.randint(0, C, (64,))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    optimizer.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    optimizer.step()
-    context = _context(model, x, y, optimizer=optimizer, batch_size=64)
+    context = _context_after_an_adam_step()
     estimator = FishLegFisher(update_every=1, agreement_samples=5)
     estimator.build(context)
     first = estimator.diag_agreement(context)

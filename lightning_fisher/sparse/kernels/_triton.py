@@ -22,6 +22,7 @@ __all__ = [
     "check_input",
     "input_precision",
     "interpret_requested",
+    "linear_output",
     "next_power_of_2",
     "use_gather",
 ]
@@ -98,3 +99,23 @@ def check_input(name: str, x: Tensor, values: Tensor, bias: Tensor | None, rows:
         )
     if bias is not None and (tuple(bias.shape) != (rows,) or bias.device != x.device):
         raise ValueError(f"bias: shape {tuple(bias.shape)} on {bias.device}: must be ({rows},) on {x.device}")
+
+
+def linear_output(
+    x: Tensor, values: Tensor, codes: Tensor, n: int, m: int, bias: Tensor | None, max_batch: int | None = None
+) -> tuple[Tensor, int]:
+    """The checks of a forward ``x @ Wᵀ + bias`` launcher, and its output ``(y, K)``: ``y`` is already the
+    result (empty, or the bias alone when ``K == 0``) when ``y.numel() == 0 or K == 0``."""
+    k = check_compressed(values, codes, n, m)
+    if x.ndim != 2 or x.shape[1] != k:
+        raise ValueError(f"x.shape={tuple(x.shape)}: must be (B, {k}) for values of shape {tuple(values.shape)}")
+    batch, rows = x.shape[0], values.shape[0]
+    if max_batch is not None and batch > max_batch:
+        raise ValueError(f"x.shape[0]={batch}: nm_linear_gemv takes at most {max_batch} rows; use nm_linear")
+    check_input("x", x, values, bias, rows)
+    y = torch.empty((batch, rows), device=x.device, dtype=x.dtype)
+    if k == 0 and bias is not None:
+        y.copy_(bias.expand_as(y))
+    elif k == 0:
+        y.zero_()
+    return y, k

@@ -24,8 +24,8 @@ from lightning_fisher.sparse.kernels import _triton
 from lightning_fisher.sparse.kernels._triton import (
     HAS_TRITON,
     check_compressed,
-    check_input,
     input_precision,
+    linear_output,
     use_gather,
 )
 from lightning_fisher.sparse.kernels.nm_linear_gemv import GEMV_MAX_BATCH, nm_linear_gemv
@@ -154,17 +154,10 @@ def nm_linear(
         kernel = _choose(x, values, codes, n, m, bias, autotune)
     if kernel == "gemv":
         return nm_linear_gemv(x, values, codes, n, m, bias, autotune)
-    k = check_compressed(values, codes, n, m)
-    if x.ndim != 2 or x.shape[1] != k:
-        raise ValueError(f"x.shape={tuple(x.shape)}: must be (B, {k}) for values of shape {tuple(values.shape)}")
-    rows = values.shape[0]
-    check_input("x", x, values, bias, rows)
-    batch = x.shape[0]
-    y = torch.empty((batch, rows), device=x.device, dtype=x.dtype)
-    if batch == 0 or rows == 0:
+    y, k = linear_output(x, values, codes, n, m, bias)
+    if y.numel() == 0 or k == 0:
         return y
-    if k == 0:
-        return y.copy_(bias.expand_as(y)) if bias is not None else y.zero_()
+    batch, rows = y.shape
     values, codes = values.contiguous(), codes.contiguous()
     args = (x, values, codes, bias if bias is not None else values, y, batch, rows, k,
             x.stride(0), x.stride(1), values.stride(0), codes.stride(0), y.stride(0), y.stride(1))

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import functools
 
-import torch
 from torch import Tensor
 
 from lightning_fisher.sparse.format import code_bits
 from lightning_fisher.sparse.kernels import _triton
-from lightning_fisher.sparse.kernels._triton import HAS_TRITON, check_compressed, check_input
+from lightning_fisher.sparse.kernels._triton import HAS_TRITON, linear_output
 
 __all__ = ["GEMV_MAX_BATCH", "nm_linear_gemv"]
 
@@ -130,18 +129,10 @@ def nm_linear_gemv(
     Raises:
         ValueError: ``B`` over 16 (use :func:`~.nm_linear.nm_linear`), or the checks of ``nm_linear``.
     """
-    k = check_compressed(values, codes, n, m)
-    if x.ndim != 2 or x.shape[1] != k:
-        raise ValueError(f"x.shape={tuple(x.shape)}: must be (B, {k}) for values of shape {tuple(values.shape)}")
-    batch, rows = x.shape[0], values.shape[0]
-    if batch > GEMV_MAX_BATCH:
-        raise ValueError(f"x.shape[0]={batch}: nm_linear_gemv takes at most {GEMV_MAX_BATCH} rows; use nm_linear")
-    check_input("x", x, values, bias, rows)
-    y = torch.empty((batch, rows), device=x.device, dtype=x.dtype)
-    if batch == 0 or rows == 0:
+    y, k = linear_output(x, values, codes, n, m, bias, max_batch=GEMV_MAX_BATCH)
+    if y.numel() == 0 or k == 0:
         return y
-    if k == 0:
-        return y.copy_(bias.expand_as(y)) if bias is not None else y.zero_()
+    batch, rows = y.shape
     values, codes = values.contiguous(), codes.contiguous()
     columns = values.shape[1]
     block_b = _triton.next_power_of_2(batch)
