@@ -5,12 +5,14 @@ from lightning_fisher.data.base import ImageDataModule
 from lightning_fisher.data.cifar10 import CIFAR10DataModule
 from lightning_fisher.data.dataset import TensorImageDataset
 from lightning_fisher.data.digits import DigitsDataModule
+from lightning_fisher.data.sampling import EpochShuffle
 from lightning_fisher.data.tinyimagenet import TinyImageNetDataModule
 
 __all__ = [
     "BatchAugment",
     "CIFAR10DataModule",
     "DigitsDataModule",
+    "EpochShuffle",
     "ImageDataModule",
     "TensorImageDataset",
     "TinyImageNetDataModule",

@@ -24,6 +24,7 @@ import torch
 KERNEL_MODULES = (  # dependency order
     "lightning_fisher.sparse.kernels._triton",
     "lightning_fisher.sparse.kernels._decompress",
+    "lightning_fisher.sparse.kernels.nm_linear_gemv",
     "lightning_fisher.sparse.kernels.nm_linear",
     "lightning_fisher.sparse.kernels.nm_linear_grad_input",
     "lightning_fisher.sparse.kernels.nm_conv2d",

@@ -15,6 +15,7 @@ MODULES = [
     "lightning_fisher.sparse.kernels",
     "lightning_fisher.sparse.kernels._triton",
     "lightning_fisher.sparse.kernels.nm_linear",
+    "lightning_fisher.sparse.kernels.nm_linear_gemv",
     "lightning_fisher.sparse.kernels.nm_linear_grad_input",
     "lightning_fisher.sparse.kernels.nm_conv2d",
     "lightning_fisher.sparse.kernels.nm_conv2d_grad_input",

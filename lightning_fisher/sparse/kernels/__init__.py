@@ -11,6 +11,7 @@ from lightning_fisher.sparse.kernels._triton import HAS_TRITON, INTERPRET, KERNE
 from lightning_fisher.sparse.kernels.nm_conv2d import nm_conv2d, nm_conv2d_reference
 from lightning_fisher.sparse.kernels.nm_conv2d_grad_input import nm_conv2d_grad_input, nm_conv2d_grad_input_reference
 from lightning_fisher.sparse.kernels.nm_linear import nm_linear, nm_linear_reference
+from lightning_fisher.sparse.kernels.nm_linear_gemv import nm_linear_gemv
 from lightning_fisher.sparse.kernels.nm_linear_grad_input import nm_linear_grad_input, nm_linear_grad_input_reference
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "nm_conv2d_grad_input_reference",
     "nm_conv2d_reference",
     "nm_linear",
+    "nm_linear_gemv",
     "nm_linear_grad_input",
     "nm_linear_grad_input_reference",
     "nm_linear_reference",
