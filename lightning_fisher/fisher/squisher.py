@@ -166,6 +166,7 @@ class Squisher(FisherEstimator):
     ) -> dict[str, Tensor]:
         fisher: dict[str, Tensor] = {}
         floored: list[str] = []
+        read: list[str] = []
         for fqn, param in context.parameters.items():
             state = optimizer.state.get(param) if id(param) in group_of else None
             step = float(state["step"]) if state and "step" in state else 0.0
@@ -180,10 +181,12 @@ class Squisher(FisherEstimator):
                     f"parameter has {tuple(param.shape)} (a sharded optimizer such as ZeRO is not supported)"
                 )
             estimate = self._average(accumulator, rule, group_of[id(param)], step)
-            estimate = estimate.mul_(scale).clamp_min_(self.floor)
-            if not torch.isfinite(estimate).all():
-                raise ValueError(f"{fqn}: the optimizer's {rule.state_key!r} holds non-finite values")
-            fisher[fqn] = estimate
+            fisher[fqn] = estimate.mul_(scale).clamp_min_(self.floor)
+            read.append(fqn)
+        # one host read for every layer (a device sync on a GPU), not one per layer
+        if read and not bool(torch.stack([torch.isfinite(fisher[fqn]).all() for fqn in read]).all()):
+            bad = [fqn for fqn in read if not bool(torch.isfinite(fisher[fqn]).all())]
+            raise ValueError(f"{bad[0]}: the optimizer's {rule.state_key!r} holds non-finite values")
         if floored:
             log.debug(
                 "Squisher: %d of %d parameters have no %s state yet and get floor=%g: %s",

@@ -16,6 +16,7 @@ from lightning_fisher.fisher import EmpiricalFisher, FisherContext, FisherEstima
 from lightning_fisher.fisher.fishleg import estimator as estimator_module
 from lightning_fisher.fisher.fishleg.products import fisher_vector_product
 from lightning_fisher.fisher.squisher import Squisher
+from lightning_fisher.profiling import HostSyncCounter
 from lightning_fisher.pruning.patterns import to_reduction_layout
 from lightning_fisher.pruning.pruner import Pruner
 from lightning_fisher.pruning.scores import score_obs
@@ -645,6 +646,60 @@ def test_masked_refinement_never_updates_pruned_coordinates(trained_mlp):
     after = scale.detach()
     assert torch.equal(after[~mask], before[~mask])
     assert (after[mask] != before[mask]).float().mean() > 0.9  # the survivors' entries did move
+
+
+def test_a_prune_in_place_or_by_new_masks_reaches_the_next_update(trained_mlp):
+    """Which coordinates are frozen, and the count A is averaged over, are derived from the masks once per
+    change; a prune that writes a mask in place and one that hands over new masks are both seen."""
+    model, x, y = trained_mlp()
+    context = _context(model, x, y)
+    estimator = FishLegFisher(damping=0.1, update_every=None, init="gradients")
+    mask = torch.ones_like(model[0].weight, dtype=torch.bool)
+    context.extra["masks"] = {"0.weight": mask}
+    estimator.pretrain(context, 3)  # every weight kept: nothing frozen yet, and the derivation is cached
+    scale = estimator._where["0.weight"][0].scales[0]
+    for prune in ("in place", "new masks"):
+        if prune == "in place":
+            mask.view(-1)[::2] = False
+        else:
+            mask = mask.clone()
+            mask.view(-1)[1::4] = False
+            context.extra["masks"] = {"0.weight": mask}
+        before = scale.detach().clone()
+        estimator.pretrain(context, 3)
+        assert torch.equal(scale.detach()[~mask], before[~mask]), prune
+        assert (scale.detach()[mask] != before[mask]).float().mean() > 0.9, prune
+        fresh = FishLegFisher(damping=0.1, update_every=None, init="gradients")
+        fresh.load_state_dict(estimator.state_dict())
+        assert estimator.auxiliary_loss(context) == fresh.auxiliary_loss(context), prune  # same survivors, same count
+
+
+def test_an_update_and_its_metric_read_the_device_three_times_at_any_depth():
+    """After a prune has been seen, an auxiliary update reads one number from the device (its loss) and
+    the agreement metric two, however many layers there are (each read is a GPU sync). Reads of the
+    optimizers' step counters are left out: they are CPU tensors, no sync on a GPU."""
+    torch.manual_seed(0)
+    counts = []
+    for depth in (2, 5):
+        model = nn.Sequential(*[nn.Sequential(nn.Linear(D, D), nn.Tanh()) for _ in range(depth)], nn.Linear(D, C))
+        x, y = torch.randn(64, D), torch.randint(0, C, (64,))
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        context = _context(model, x, y, optimizer=optimizer, batch_size=64)
+        context.extra["masks"] = {n: torch.rand(p.shape) > 0.5 for n, p in context.parameters.items()}
+        estimator = FishLegFisher(update_every=1, fvp="ggn")
+        estimator.on_train_step(context, 1)
+        estimator.on_train_step(context, 2)
+        steps = [s["step"] for o in (optimizer, estimator._adam) for s in o.state.values()]
+        with HostSyncCounter(ignore=steps) as counter:
+            metrics = estimator.on_train_step(context, 3)
+        assert set(metrics) == {"fishleg/aux_loss", "fishleg/diag_agreement"}
+        counts.append(counter.total)
+        with HostSyncCounter(ignore=steps) as counter:
+            estimator.pretrain(context, 1)
+        assert counter.total == 1, dict(counter.counts)
+    assert counts == [3, 3]
 
 
 def test_nm_with_fishleg_scores_keeps_the_top_n_of_every_group(trained_mlp):

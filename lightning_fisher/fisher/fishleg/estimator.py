@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import math
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 import torch
@@ -75,18 +75,62 @@ def _average_over_ranks_(tensors: Iterable[Tensor]) -> None:
         t /= torch.distributed.get_world_size()
 
 
-def _partial_masks(context: FisherContext, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The pruner's masks (``context.extra["masks"]``) of ``params`` that hold at least one pruned weight."""
-    return {n: m for n, m in context.extra.get("masks", {}).items() if n in params and not bool(m.all())}
+def _mask_key(masks: Mapping[str, Tensor]) -> tuple | None:
+    """Which masks these are and how often each was written to; None for inference tensors (no version)."""
+    try:
+        return tuple((name, id(mask), mask._version) for name, mask in masks.items())
+    except RuntimeError:
+        return None
+
+
+class _MaskDerived:
+    """A value derived from the pruner's masks, recomputed only when a mask changes (a prune).
+
+    Deriving it reads the masks on the host (which weights survive, how many), a host-device sync per
+    layer on a GPU, and the auxiliary update and its metric need it at every call. A mask changes by
+    being replaced (its identity) or written in place (its version counter); the masks are kept
+    referenced so that their identities cannot be reused by others."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._masks: tuple[Tensor, ...] = ()
+        self._value: Any = None
+
+    def get(self, masks: Mapping[str, Tensor], derive: Callable[[], Any]) -> Any:
+        key = _mask_key(masks)
+        if key is None or key != self._key:
+            self._value = derive()
+            self._key, self._masks = key, tuple(masks.values())
+        return self._value
+
+
+def _masks_of(context: FisherContext, names: Iterable[str]) -> dict[str, Tensor]:
+    """The pruner's masks (``context.extra["masks"]``) of ``names``."""
+    masks = context.extra.get("masks", {})
+    return {n: masks[n] for n in names if n in masks}
+
+
+def _partial_and_active(masks: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], int]:
+    """The masks holding at least one pruned weight, and the coordinates Q is learned on: the surviving
+    weights where a mask is given, every one elsewhere."""
+    if not masks:
+        return {}, sum(p.numel() for p in params.values())
+    dense = torch.stack([m.all() for m in masks.values()]).tolist()  # one host read for every layer
+    partial = {n: m for (n, m), all_kept in zip(masks.items(), dense) if not all_kept}
+    kept = torch.stack([m.sum() for m in partial.values()]).tolist() if partial else []
+    return partial, sum(kept) + sum(p.numel() for n, p in params.items() if n not in partial)
+
+
+def _kept_positions(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> Tensor | None:
+    """Positions of the surviving weights among ``params`` flattened and concatenated; None without masks."""
+    if not masks:
+        return None
+    kept = [masks[n].flatten() if n in masks else torch.ones(p.numel(), dtype=torch.bool, device=p.device) for n, p in params.items()]
+    return torch.cat(kept).nonzero().squeeze(1)
 
 
 def _masked(values: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {n: v * masks[n] if n in masks else v for n, v in values.items()}
-
-
-def _active(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> int:
-    """Coordinates Q is learned on: the surviving weights where a mask is given, every one elsewhere."""
-    return sum(int(masks[n].sum()) if n in masks else p.numel() for n, p in params.items())
 
 
 def _spearman(a: Tensor, b: Tensor) -> float:
@@ -95,7 +139,8 @@ def _spearman(a: Tensor, b: Tensor) -> float:
     ranks_a -= ranks_a.mean()
     ranks_b -= ranks_b.mean()
     denominator = ranks_a.norm() * ranks_b.norm()
-    return float((ranks_a @ ranks_b) / denominator) if float(denominator) > 0 else float("nan")
+    correlation = torch.where(denominator > 0, (ranks_a @ ranks_b) / denominator, torch.nan)
+    return float(correlation)  # the one host read
 
 
 class FishLegFisher(FisherEstimator):
@@ -250,6 +295,9 @@ class FishLegFisher(FisherEstimator):
         self.seed = _integer("seed", seed, 0)
         self.agreement_samples = _integer("agreement_samples", agreement_samples, 0)
         self._agreement_pick: tuple[int, Tensor] | None = None  # (entry count, its subsample): diag_agreement
+        self._agreement_kept = _MaskDerived()  # where the survivors sit among diag_agreement's entries
+        self._learning_masks = _MaskDerived()  # the partial masks and the active count of every update
+        self._squisher = Squisher()
         self.conv_form = conv_form
         self.probe = probe
         self.fvp = fvp
@@ -404,8 +452,7 @@ class FishLegFisher(FisherEstimator):
         fvp = self.fvp if fvp is None else _one_of("fvp", fvp, FVP_METHODS)
         self.build(context)
         params = self._params(context)
-        masks = _partial_masks(context, params)
-        active = _active(params, masks)
+        masks, active = self._mask_view(context, params)
         device = next(iter(params.values())).device
         losses = []
         for i, (x, y) in enumerate(context.iter_batches()):
@@ -413,7 +460,7 @@ class FishLegFisher(FisherEstimator):
                 break
             # seeds from 2**62 up: a range the learning stream (self._generator) does not reach
             generator = torch.Generator(device=device).manual_seed(2**62 + seed * 1_000_003 + i)
-            losses.append(self._probe_terms(context, params, x, y, generator, masks, fvp)[3] / active)
+            losses.append(float(self._probe_terms(context, params, x, y, generator, masks, fvp)[3]) / active)
         if not losses:
             raise ValueError("FishLegFisher.auxiliary_loss: the context's batches are empty")
         return sum(losses) / len(losses)
@@ -422,20 +469,16 @@ class FishLegFisher(FisherEstimator):
         """Spearman correlation of 1/diag(Q) − γ with the Squisher's diagonal (Adam-family only)."""
         if self.agreement_samples == 0 or not self._has_optimizer_state(context):
             return None
-        squisher = Squisher().diagonal(context)
+        squisher = self._squisher.diagonal(context)
+        names = list(context.parameters)
+        masks = _masks_of(context, names)
+        kept = self._agreement_kept.get(masks, lambda: _kept_positions(context.parameters, masks))
         with torch.no_grad():
             diag = self._diag()
-            masks = context.extra.get("masks", {})
-            mine, theirs = [], []
-            for name in context.parameters:
-                keep = masks.get(name)
-                implied = (1.0 / diag[name].clamp_min(self.floor) - self.gamma).flatten()
-                reference = squisher[name].flatten()
-                if keep is not None:
-                    implied, reference = implied[keep.flatten()], reference[keep.flatten()]
-                mine.append(implied)
-                theirs.append(reference)
-            a, b = torch.cat(mine), torch.cat(theirs)
+            a = torch.cat([(1.0 / diag[n].clamp_min(self.floor) - self.gamma).flatten() for n in names])
+            b = torch.cat([squisher[n].flatten() for n in names])
+            if kept is not None:
+                a, b = a[kept], b[kept]
             if a.numel() > self.agreement_samples:
                 pick = self._agreement_subsample(a.numel(), a.device)
                 a, b = a[pick], b[pick]
@@ -535,6 +578,12 @@ class FishLegFisher(FisherEstimator):
             self.pretrained = True
             log.info("FishLegFisher: %d pre-training updates, auxiliary loss %.4g -> %.4g", len(losses), losses[0], losses[-1])
 
+    def _mask_view(self, context: FisherContext, params: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], int]:
+        """The pruner's masks of ``params`` that hold a pruned weight, and the active coordinate count,
+        derived again only after the masks change."""
+        masks = _masks_of(context, params)
+        return self._learning_masks.get(masks, lambda: _partial_and_active(masks, params))
+
     def _params(self, context: FisherContext) -> dict[str, Tensor]:
         by_real = dict(context.model.named_parameters())
         return {name: by_real[self._real[name]] for name in self._where}
@@ -557,7 +606,7 @@ class FishLegFisher(FisherEstimator):
         if context.optimizer is None or context.effective_batch_size is None:
             return False
         try:
-            Squisher().check(context.optimizer)
+            self._squisher.check(context.optimizer)
         except (TypeError, ValueError):
             return False
         optimizer = context.optimizer
@@ -578,7 +627,7 @@ class FishLegFisher(FisherEstimator):
             return None
         if self.init in ("auto", "squisher"):
             if self._has_optimizer_state(context):
-                return Squisher().diagonal(dataclasses.replace(context, parameters=params))
+                return self._squisher.diagonal(dataclasses.replace(context, parameters=params))
             if self.init == "squisher":
                 raise ValueError(
                     "init='squisher': the optimizer keeps no Adam-family squared-gradient state for these "
@@ -618,7 +667,7 @@ class FishLegFisher(FisherEstimator):
         pruned coordinates untouched."""
         target = self._damped_inverse(context, self._fisher_estimate(context))
         current = self._diag()
-        masks = _partial_masks(context, self._params(context))
+        masks, _ = self._mask_view(context, self._params(context))
         for form in self.forms:
             inflation = form.correlation_inflation() if self.refresh_match == "fisher" else None
             for i, (name, scale) in enumerate(zip(form.names, form.coordinate_scales())):
@@ -643,9 +692,9 @@ class FishLegFisher(FisherEstimator):
         generator: torch.Generator,
         masks: Mapping[str, Tensor],
         fvp: FvpMethod,
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor], float]:
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor], Tensor]:
         """Probe u, w = Qu, h = F_γw − u (masked to the survivors, F·w by ``fvp``) and A(λ; u) summed over
-        the coordinates."""
+        the coordinates (a 0-dim tensor, left on the device)."""
         if self.probe == "gaussian":
             u = {n: torch.randn(p.shape, generator=generator, device=p.device) for n, p in params.items()}
         else:
@@ -662,14 +711,13 @@ class FishLegFisher(FisherEstimator):
         fw = {n: fw_real[self._real[n]].float() for n in params}
         h = _masked({n: fw[n] + self.gamma * w[n] - u[n] for n in params}, masks)
         terms = sum(0.5 * (w[n] * (fw[n] + self.gamma * w[n])).sum() - (u[n] * w[n]).sum() for n in params)
-        return u, w, h, float(terms)
+        return u, w, h, terms
 
     def _update(self, context: FisherContext, x: Tensor, y: Tensor) -> float:
         """One Adam step on λ; returns the auxiliary loss A per active coordinate (before the step)."""
         assert self._adam is not None
         params = self._params(context)
-        masks = _partial_masks(context, params)
-        active = _active(params, masks)
+        masks, active = self._mask_view(context, params)
         generator = self._generator(params, salt=self.updates)
         u, w, h, aux_sum = self._probe_terms(context, params, x, y, generator, masks, self.fvp)
         if self.precondition:
@@ -688,16 +736,16 @@ class FishLegFisher(FisherEstimator):
         for form in self.forms:
             for name, scale in zip(form.names, form.coordinate_scales()):
                 if name in masks and scale.grad is not None:
-                    pruned = ~masks[name].to(scale.device)
-                    scale.grad[pruned] = 0
-                    frozen.append((scale, pruned, scale.detach()[pruned].clone()))
+                    kept = masks[name].to(scale.device)
+                    scale.grad.masked_fill_(~kept, 0)
+                    frozen.append((scale, kept, scale.detach().clone()))
         self._adam.step()
         with torch.no_grad():
             # Adam's momentum would keep moving them even at zero gradient
-            for scale, pruned, values in frozen:
-                scale[pruned] = values
+            for scale, kept, before in frozen:
+                scale.copy_(torch.where(kept, scale, before))
         self.updates += 1
-        return aux_sum / active
+        return float(aux_sum) / active  # the update's one host-device sync
 
     def __repr__(self) -> str:
         return (
