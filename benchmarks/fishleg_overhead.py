@@ -11,12 +11,16 @@ For the CIFAR ResNet18 (``--width``, 64 = the full model) with the layers Fisher
   update (``--agreement-samples``; its first call after a prune draws the subsample, later calls reuse
   it); the ratio update/step, and the amortised overhead per training step with one update and one
   metric every ``update_every`` steps (``(update + metric) / step / update_every``);
+* **device reads**: the host-device synchronisations (``HostSyncCounter``: a value read from the device,
+  or boolean indexing) in one update plus its metric, reads of the optimizers' CPU ``step`` counters
+  left out (no sync on a GPU); on CUDA each one stalls the host until the queued kernels finish;
 * **memory**: λ's entries (``FishLegFisher.num_parameters()``) plus its Adam state (2 per entry), in fp32
   bytes, as a ratio to the model's parameters + AdamW state (3 per parameter); on CUDA also the peak
   allocated memory of an update as a ratio to the peak of a training step.
 
     python benchmarks/fishleg_overhead.py                         # CPU, width 16
     python benchmarks/fishleg_overhead.py --width 64 --device cuda --batch-size 128
+    python benchmarks/fishleg_overhead.py --masked 0.5       # after a prune: half of every layer's weights masked
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from lightning_fisher.fisher.base import FisherContext
 from lightning_fisher.fisher.fishleg.estimator import FVP_METHODS
 from lightning_fisher.fisher.fishleg.forms import CONV_FORMS
 from lightning_fisher.models import ResNet18
+from lightning_fisher.profiling import HostSyncCounter
 from lightning_fisher.pruning.selection import select_parameters
 
 __all__ = ["main", "parse_args"]
@@ -51,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Fisher-vector product (ggn: the recipe's; finite_difference: the constructor's default)")
     parser.add_argument("--agreement-samples", type=int, default=100_000,
                         help="entries of the diag_agreement metric (FishLegFisher's default; 0: not timed)")
+    parser.add_argument("--masked", type=float, default=0.0,
+                        help="fraction of every pruned layer's weights masked at random, as after a prune (0: dense)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -61,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--conv-forms: unknown {unknown}; choose from {list(CONV_FORMS)}")
     if args.update_every < 1 or args.repeats < 1 or args.batch_size < 1:
         parser.error("--update-every, --repeats and --batch-size must be >= 1")
+    if not 0.0 <= args.masked < 1.0:
+        parser.error(f"--masked {args.masked}: must be in [0, 1)")
     if args.agreement_samples < 0:
         parser.error(f"--agreement-samples {args.agreement_samples}: must be >= 0")
     return args
@@ -107,6 +116,10 @@ def main(argv: list[str] | None = None) -> None:
     params = select_parameters(model)
     context = FisherContext(model=model, parameters=params, optimizer=optimizer, batches=lambda: iter([(x, y)]),
                             loss_fn=F.cross_entropy, batch_size=args.batch_size)
+    if args.masked > 0:
+        generator = torch.Generator().manual_seed(args.seed)
+        context.extra["masks"] = {n: (torch.rand(p.shape, generator=generator) >= args.masked).to(device)
+                                  for n, p in params.items()}
     model_bytes = 4 * 3 * sum(p.numel() for p in model.parameters())  # weights + AdamW's two moments
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
@@ -115,26 +128,38 @@ def main(argv: list[str] | None = None) -> None:
     print(f"budget: ResNet18(width={args.width}), {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{len(params)} layers with a FishLeg block; batch {args.batch_size}; median of {args.repeats} after "
           f"a warm-up; one update every {args.update_every} steps; fvp={args.fvp}; "
-          f"agreement_samples={args.agreement_samples:,}")
+          f"agreement_samples={args.agreement_samples:,}; {args.masked:.0%} of each layer's weights masked")
     print(f"dense training step (AdamW): {step_seconds:.4f} s")
     print()
     print("| conv form | λ entries | Q + Adam state (MB) | memory vs model + AdamW | update (s) "
           "| metric, first after a prune (s) | metric (s) | (update + metric) / step "
-          "| overhead per step at 1 update / k | peak memory update / step |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| overhead per step at 1 update / k | peak memory update / step | device reads (update + metric) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for form in args.conv_forms:
         estimator = FishLegFisher(conv_form=form, update_every=args.update_every, fvp=args.fvp,
                                   agreement_samples=args.agreement_samples)
         estimator.build(context)
         update_seconds, update_peak = _timed(lambda: estimator.pretrain(context, 1), device, args.repeats)
         first_metric, metric = _metric_seconds(estimator, context, device, args.repeats)
+        reads = _device_reads(estimator, context, optimizer)
         entries = estimator.num_parameters()
         q_bytes = 4 * 3 * entries  # λ and Adam's two moments on λ
         ratio = (update_seconds + metric) / step_seconds
         peak = f"{update_peak / step_peak:.2f}" if update_peak and step_peak else "n/a (CPU)"
         print(f"| {form} | {entries:,} | {q_bytes / 2**20:.1f} | {q_bytes / model_bytes:.2f} | {update_seconds:.4f} "
-              f"| {first_metric:.4f} | {metric:.4f} | {ratio:.2f} | {100 * ratio / args.update_every:+.1f}% | {peak} |")
+              f"| {first_metric:.4f} | {metric:.4f} | {ratio:.2f} | {100 * ratio / args.update_every:+.1f}% | {peak} | {reads} |")
         del estimator
+
+
+def _device_reads(estimator: FishLegFisher, context: FisherContext, optimizer: torch.optim.Optimizer) -> str:
+    """Host-device syncs of one more update and its metric, as ``total (by op)``."""
+    steps = [s["step"] for o in (optimizer, estimator._adam) for s in o.state.values() if "step" in s]
+    with HostSyncCounter(ignore=steps) as counter:
+        estimator.pretrain(context, 1)
+        if estimator.agreement_samples:
+            estimator.diag_agreement(context)
+    detail = ", ".join(f"{name} {count}" for name, count in sorted(counter.counts.items()))
+    return f"{counter.total} ({detail})" if detail else "0"
 
 
 def _metric_seconds(estimator: FishLegFisher, context: FisherContext, device: torch.device,

@@ -1,0 +1,45 @@
+"""benchmarks/fishleg_overhead.py: its arguments and a tiny run, masked, with the device-read column."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fishleg_overhead.py"
+
+
+@pytest.fixture(scope="module")
+def overhead() -> Iterator[ModuleType]:
+    spec = importlib.util.spec_from_file_location("benchmark_fishleg_overhead", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    threads = torch.get_num_threads()
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("masked", ["-0.1", "1", "1.5"])
+def test_masked_outside_zero_to_one_is_refused(overhead: ModuleType, masked: str, capsys) -> None:
+    with pytest.raises(SystemExit):
+        overhead.parse_args(["--masked", masked])
+    assert f"--masked {float(masked)}: must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_a_masked_run_prints_three_device_reads_per_update(overhead: ModuleType, capsys) -> None:
+    overhead.main(["--width", "4", "--batch-size", "4", "--repeats", "1", "--threads", "1", "--masked", "0.5",
+                   "--conv-forms", "three_factor"])
+    out = capsys.readouterr().out
+    assert "50% of each layer's weights masked" in out
+    row = next(line for line in out.splitlines() if line.startswith("| three_factor |"))
+    assert row.rstrip().endswith("| 3 (_local_scalar_dense 3) |")
