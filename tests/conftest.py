@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -22,6 +26,37 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("LIGHTNING_FISHER_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+@contextlib.contextmanager
+def benchmark_script(name: str, alias: str | None = None, threads: int | None = None,
+                     forget: tuple[str, ...] = ()) -> Iterator[ModuleType]:
+    """``benchmarks/<name>.py`` imported as the module ``alias`` (default ``benchmark_<name>``) for the
+    block: registered in ``sys.modules`` while it runs (dataclasses look their module up while the class is
+    built), dropped afterwards with the modules in ``forget`` (ones the script imports by name), and
+    torch's thread count (set to ``threads`` for the block when given) restored."""
+    alias = alias or f"benchmark_{name}"
+    spec = importlib.util.spec_from_file_location(alias, REPO_ROOT / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[alias] = module
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        for key in (alias, *forget):
+            sys.modules.pop(key, None)
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def load_benchmark() -> Callable[..., contextlib.AbstractContextManager[ModuleType]]:
+    """:func:`benchmark_script`, for the tests' module-scoped fixtures:
+    ``with load_benchmark("sparsity_sweep", threads=1) as sweep: yield sweep``."""
+    return benchmark_script
+
 
 # Small enough for a CPU test, same code path as a real run.
 FAST_OVERRIDES = [

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
-import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fishleg_fit.py"
 TINY = ["--width", "4", "--max-per-class", "0", "--batch-size", "20", "--threads", "1", "--epochs", "1"]
 
 
@@ -21,19 +17,9 @@ pytestmark = pytest.mark.usefixtures("restore_lightning_log_levels")
 
 
 @pytest.fixture(scope="module")
-def fit() -> Iterator[ModuleType]:
-    spec = importlib.util.spec_from_file_location("benchmark_fishleg_fit", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    threads = torch.get_num_threads()
-    try:
-        spec.loader.exec_module(module)
+def fit(load_benchmark) -> Iterator[ModuleType]:
+    with load_benchmark("fishleg_fit", forget=("sparsity_sweep",)) as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
-        sys.modules.pop("sparsity_sweep", None)
-        torch.set_num_threads(threads)
 
 
 def test_flags(fit: ModuleType) -> None:

@@ -2,31 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 
 import pytest
-import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fishleg_overhead.py"
 
 
 @pytest.fixture(scope="module")
-def overhead() -> Iterator[ModuleType]:
-    spec = importlib.util.spec_from_file_location("benchmark_fishleg_overhead", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    threads = torch.get_num_threads()
-    try:
-        spec.loader.exec_module(module)
+def overhead(load_benchmark) -> Iterator[ModuleType]:
+    with load_benchmark("fishleg_overhead") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("masked", ["-0.1", "1", "1.5"])

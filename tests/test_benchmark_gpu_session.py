@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import sys
 import tarfile
@@ -20,19 +19,10 @@ from lightning_fisher.train import build  # also registers the config schema
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _load(name: str, alias: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(alias, BENCHMARKS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[alias] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def session() -> Iterator[ModuleType]:
-    yield _load("gpu_session", "benchmark_gpu_session")
-    sys.modules.pop("benchmark_gpu_session", None)
+def session(load_benchmark) -> Iterator[ModuleType]:
+    with load_benchmark("gpu_session") as module:
+        yield module
 
 
 @pytest.fixture
@@ -94,7 +84,8 @@ def test_every_recipe_step_composes_to_what_it_says(session: ModuleType, scratch
 
 
 @pytest.mark.parametrize("smoke", [False, True], ids=["full", "smoke"])
-def test_every_script_step_parses_with_its_script(session: ModuleType, scratch: Path, smoke: bool) -> None:
+def test_every_script_step_parses_with_its_script(session: ModuleType, scratch: Path, smoke: bool,
+                                                  load_benchmark) -> None:
     for name, step in session.STEPS.items():
         if step.kind != "script" or name == "tests":
             continue
@@ -104,11 +95,8 @@ def test_every_script_step_parses_with_its_script(session: ModuleType, scratch: 
             continue
         script = Path(command[1])
         assert script.parent == Path("benchmarks") and (BENCHMARKS / script.name).is_file(), name
-        module = _load(script.stem, f"benchmark_{script.stem}_for_gpu_session")
-        try:
+        with load_benchmark(script.stem, alias=f"benchmark_{script.stem}_for_gpu_session") as module:
             args = module.parse_args(command[2:])
-        finally:
-            sys.modules.pop(f"benchmark_{script.stem}_for_gpu_session", None)
         if step.data:
             assert Path(args.data_dir) == scratch / "data" / session.EXTRACTED[step.data], name
         if not smoke:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
 import re
-import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -19,7 +18,6 @@ from lightning_fisher.fisher import EmpiricalFisher, FisherContext, FisherEstima
 from lightning_fisher.pruning.schedules import cubic_sparsity
 from lightning_fisher.sparse import nm_violation
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "sparsity_sweep.py"
 TINY = ["--width", "4", "--max-per-class", "0", "--batch-size", "20", "--threads", "1"]
 
 
@@ -27,19 +25,10 @@ pytestmark = pytest.mark.usefixtures("restore_lightning_log_levels")
 
 
 @pytest.fixture(scope="module")
-def sweep() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("benchmark_sparsity_sweep", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models; measured 71 s for this file with 2 threads on 2 busy cores, 10 s with 1
-    try:
-        spec.loader.exec_module(module)
+def sweep(load_benchmark) -> Iterator[ModuleType]:
+    # one thread: tiny models; measured 71 s for this file with 2 threads on 2 busy cores, 10 s with 1
+    with load_benchmark("sparsity_sweep", threads=1) as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
-        torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------ arguments

@@ -1,27 +1,17 @@
 """benchmarks/kernels.py cannot run without a GPU; its CPU helpers and its exit path are checked here."""
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from lightning_fisher.sparse import load_measurements, nm_violation, pick_backend
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("benchmark_kernels", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    try:
-        spec.loader.exec_module(module)
+def bench(load_benchmark):
+    with load_benchmark("kernels") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def test_resnet18_shapes(bench):
