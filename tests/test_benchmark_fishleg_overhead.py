@@ -28,4 +28,5 @@ def test_a_masked_run_prints_three_device_reads_per_update(overhead: ModuleType,
     out = capsys.readouterr().out
     assert "50% of each layer's weights masked" in out
     row = next(line for line in out.splitlines() if line.startswith("| three_factor |"))
-    assert row.rstrip().endswith("| 3 (_local_scalar_dense 3) |")
+    reads, calls = [cell.strip() for cell in row.strip().strip("|").split("|")][-2:]
+    assert reads == "3 (_local_scalar_dense 3)" and int(calls.replace(",", "")) > 100

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import warnings
 from functools import partial
@@ -672,6 +673,25 @@ def test_a_prune_in_place_or_by_new_masks_reaches_the_next_update(trained_mlp):
         fresh = FishLegFisher(damping=0.1, update_every=None, init="gradients")
         fresh.load_state_dict(estimator.state_dict())
         assert estimator.auxiliary_loss(context) == fresh.auxiliary_loss(context), prune  # same survivors, same count
+
+
+def test_diag_agreement_of_fewer_parameters_is_not_the_cached_one_of_all():
+    """The survivors' positions are cached per masks and parameters: the metric of a subset of the
+    parameters, after one of all of them, is what an estimator asked only for the subset gives."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, D), nn.Tanh(), nn.Linear(D, C))
+    x, y = torch.randn(64, D), torch.randint(0, C, (64,))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    context = _context(model, x, y, optimizer=optimizer, batch_size=64)
+    context.extra["masks"] = {"2.weight": torch.rand(C, D) > 0.5}  # the same masks for both: only 2.weight has one
+    subset = dataclasses.replace(context, parameters={"2.weight": context.parameters["2.weight"]})
+    estimator = FishLegFisher(agreement_samples=10_000, fvp="ggn", lr=0.1)
+    estimator.pretrain(context, 5)  # Q no longer the Squisher's diagonal, whose agreement would be 1 on any subset
+    fresh = copy.deepcopy(estimator)
+    estimator.diag_agreement(context)
+    assert estimator.diag_agreement(subset) == fresh.diag_agreement(subset)
 
 
 def test_an_update_and_its_metric_read_the_device_three_times_at_any_depth():

@@ -96,8 +96,10 @@ class _MaskDerived:
         self._masks: tuple[Tensor, ...] = ()
         self._value: Any = None
 
-    def get(self, masks: Mapping[str, Tensor], derive: Callable[[], Any]) -> Any:
+    def get(self, masks: Mapping[str, Tensor], names: Iterable[str], derive: Callable[[], Any]) -> Any:
+        """``derive()``, or its value from the last call with the same masks, unchanged, and ``names``."""
         key = _mask_key(masks)
+        key = None if key is None else (tuple(names), key)
         if key is None or key != self._key:
             self._value = derive()
             self._key, self._masks = key, tuple(masks.values())
@@ -472,7 +474,7 @@ class FishLegFisher(FisherEstimator):
         squisher = self._squisher.diagonal(context)
         names = list(context.parameters)
         masks = _masks_of(context, names)
-        kept = self._agreement_kept.get(masks, lambda: _kept_positions(context.parameters, masks))
+        kept = self._agreement_kept.get(masks, names, lambda: _kept_positions(context.parameters, masks))
         with torch.no_grad():
             diag = self._diag()
             a = torch.cat([(1.0 / diag[n].clamp_min(self.floor) - self.gamma).flatten() for n in names])
@@ -582,7 +584,7 @@ class FishLegFisher(FisherEstimator):
         """The pruner's masks of ``params`` that hold a pruned weight, and the active coordinate count,
         derived again only after the masks change."""
         masks = _masks_of(context, params)
-        return self._learning_masks.get(masks, lambda: _partial_and_active(masks, params))
+        return self._learning_masks.get(masks, params, lambda: _partial_and_active(masks, params))
 
     def _params(self, context: FisherContext) -> dict[str, Tensor]:
         by_real = dict(context.model.named_parameters())
