@@ -13,7 +13,8 @@ For the CIFAR ResNet18 (``--width``, 64 = the full model) with the layers Fisher
   metric every ``update_every`` steps (``(update + metric) / step / update_every``);
 * **device reads**: the host-device synchronisations (``HostSyncCounter``: a value read from the device,
   or boolean indexing) in one update plus its metric, reads of the optimizers' CPU ``step`` counters
-  left out (no sync on a GPU); on CUDA each one stalls the host until the queued kernels finish;
+  left out (no sync on a GPU); on CUDA each one stalls the host until the queued kernels finish; and the
+  aten calls of the same update (views included): the launches a GPU update is bound by;
 * **memory**: λ's entries (``FishLegFisher.num_parameters()``) plus its Adam state (2 per entry), in fp32
   bytes, as a ratio to the model's parameters + AdamW state (3 per parameter); on CUDA also the peak
   allocated memory of an update as a ratio to the peak of a training step.
@@ -129,37 +130,39 @@ def main(argv: list[str] | None = None) -> None:
           f"{len(params)} layers with a FishLeg block; batch {args.batch_size}; median of {args.repeats} after "
           f"a warm-up; one update every {args.update_every} steps; fvp={args.fvp}; "
           f"agreement_samples={args.agreement_samples:,}; {args.masked:.0%} of each layer's weights masked")
-    print(f"dense training step (AdamW): {step_seconds:.4f} s")
+    with HostSyncCounter() as counter:
+        train_step()
+    print(f"dense training step (AdamW): {step_seconds:.4f} s, {counter.ops:,} aten calls")
     print()
     print("| conv form | λ entries | Q + Adam state (MB) | memory vs model + AdamW | update (s) "
           "| metric, first after a prune (s) | metric (s) | (update + metric) / step "
-          "| overhead per step at 1 update / k | peak memory update / step | device reads (update + metric) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| overhead per step at 1 update / k | peak memory update / step | device reads (update + metric) | aten calls (update + metric) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for form in args.conv_forms:
         estimator = FishLegFisher(conv_form=form, update_every=args.update_every, fvp=args.fvp,
                                   agreement_samples=args.agreement_samples)
         estimator.build(context)
         update_seconds, update_peak = _timed(lambda: estimator.pretrain(context, 1), device, args.repeats)
         first_metric, metric = _metric_seconds(estimator, context, device, args.repeats)
-        reads = _device_reads(estimator, context, optimizer)
+        reads, calls = _device_reads(estimator, context, optimizer)
         entries = estimator.num_parameters()
         q_bytes = 4 * 3 * entries  # λ and Adam's two moments on λ
         ratio = (update_seconds + metric) / step_seconds
         peak = f"{update_peak / step_peak:.2f}" if update_peak and step_peak else "n/a (CPU)"
         print(f"| {form} | {entries:,} | {q_bytes / 2**20:.1f} | {q_bytes / model_bytes:.2f} | {update_seconds:.4f} "
-              f"| {first_metric:.4f} | {metric:.4f} | {ratio:.2f} | {100 * ratio / args.update_every:+.1f}% | {peak} | {reads} |")
+              f"| {first_metric:.4f} | {metric:.4f} | {ratio:.2f} | {100 * ratio / args.update_every:+.1f}% | {peak} | {reads} | {calls:,} |")
         del estimator
 
 
-def _device_reads(estimator: FishLegFisher, context: FisherContext, optimizer: torch.optim.Optimizer) -> str:
-    """Host-device syncs of one more update and its metric, as ``total (by op)``."""
+def _device_reads(estimator: FishLegFisher, context: FisherContext, optimizer: torch.optim.Optimizer) -> tuple[str, int]:
+    """Host-device syncs of one more update and its metric, as ``total (by op)``, and its aten calls."""
     steps = [s["step"] for o in (optimizer, estimator._adam) for s in o.state.values() if "step" in s]
     with HostSyncCounter(ignore=steps) as counter:
         estimator.pretrain(context, 1)
         if estimator.agreement_samples:
             estimator.diag_agreement(context)
     detail = ", ".join(f"{name} {count}" for name, count in sorted(counter.counts.items()))
-    return f"{counter.total} ({detail})" if detail else "0"
+    return (f"{counter.total} ({detail})" if detail else "0"), counter.ops
 
 
 def _metric_seconds(estimator: FishLegFisher, context: FisherContext, device: torch.device,
