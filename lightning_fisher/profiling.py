@@ -26,12 +26,14 @@ SYNC_OPS: frozenset[Any] = frozenset(
         _aten.repeat_interleave.Tensor,
     }
 )
-_INDEXING_OPS: frozenset[Any] = frozenset(
-    {_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.default, _aten._index_put_impl_.default}
-)
 """aten ops whose result the host must read (a value, or an output shape that depends on the data): on
 CUDA each makes the host wait until the device has finished all the work queued before it. Indexing
 (``t[mask]``, ``t[mask] = v``) syncs too when an index is a boolean mask (counted as ``index``/``index_put_``)."""
+
+# Boolean indexing calls nonzero inside the indexing kernel, where a dispatch mode does not see it.
+_INDEXING_OPS: frozenset[Any] = frozenset(
+    {_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.default, _aten._index_put_impl_.default}
+)
 
 
 def _boolean_indices(args: tuple) -> bool:
@@ -42,9 +44,9 @@ def _boolean_indices(args: tuple) -> bool:
 class HostSyncCounter(TorchDispatchMode):
     """Count the host-device synchronisations (:data:`SYNC_OPS`) in a block of PyTorch code, by op.
 
-    A ``TorchDispatchMode``: every aten call inside ``with HostSyncCounter() as counter:`` goes through
-    it, so the count is exact and the same on CPU as on CUDA; on the CPU it shows where a GPU run would
-    stall. A read of a CPU tensor is no sync on a GPU (optimizers keep their ``step`` counters there), so
+    A ``TorchDispatchMode``: every aten call made inside ``with HostSyncCounter() as counter:`` goes
+    through it (the calls an op makes inside its own kernel do not), so the count is exact and the same
+    on CPU as on CUDA; on the CPU it shows where a GPU run would stall. A read of a CPU tensor is no sync on a GPU (optimizers keep their ``step`` counters there), so
     ``devices`` restricts the count to tensors on those device types, and ``ignore`` leaves out reads of
     the given tensors (say an optimizer's ``state[p]["step"]``) when everything is on the CPU.
 
@@ -62,8 +64,8 @@ class HostSyncCounter(TorchDispatchMode):
     def __init__(self, devices: Iterable[str] | None = None, ignore: Iterable[Tensor] = ()) -> None:
         super().__init__()
         self.devices = None if devices is None else frozenset(devices)
-        self._ignored = {id(t) for t in ignore}
-        self._ignored_refs = list(ignore)  # keep them alive so their ids stay theirs
+        self._ignored_refs = list(ignore)  # kept alive, so that their ids stay theirs
+        self._ignored = {id(t) for t in self._ignored_refs}
         self.counts: Counter[str] = Counter()
         self.ops = 0
         """Every aten call seen, syncing or not."""

@@ -27,7 +27,7 @@ def test_counts_value_reads_and_boolean_indexing_but_not_device_only_work():
 
 def test_ignores_the_tensors_and_devices_it_is_told_to():
     step, other = torch.tensor(3.0), torch.tensor(4.0)
-    with HostSyncCounter(ignore=[step]) as counter:
+    with HostSyncCounter(ignore=(t for t in [step])) as counter:  # any iterable
         float(step)
         float(other)
     assert counter.total == 1
