@@ -256,12 +256,12 @@ def test_fishleg_recipe_composes_and_builds(compose_config):
     # the recipe's measured setting (conf/fisher/fishleg.yaml), not the constructor's defaults
     measured = instantiate(default.fisher)
     assert (measured.damping, measured.relative_damping, measured.fvp, measured.lr) == (1.0, True, "ggn", 1e-3)
-    assert measured.refresh_diagonal is True and measured.refresh_match == "inverse"
+    assert measured.refresh_diagonal is True and measured.refresh_match == "inverse" and measured.update_every == 50
     assert isinstance(measured.diagonal_source, EmpiricalFisher) and measured.diagonal_source.num_samples == 1024
     # the overrides its comment gives for the constructor's defaults
     paper = compose_config(
         "recipe=cifar10_resnet18_fishleg95", "fisher.damping=0.1", "~fisher.relative_damping", "~fisher.fvp", "~fisher.lr",
-        "~fisher.refresh_diagonal", "~fisher.diagonal_source",
+        "~fisher.refresh_diagonal", "~fisher.diagonal_source", "~fisher.update_every",
     )
     plain, constructed = instantiate(paper.fisher), FishLegFisher(pretrain_steps=100)
     assert repr(plain) == repr(constructed) and plain.diagonal_source is None

@@ -242,7 +242,7 @@ class FishLegFisher(FisherEstimator):
                       target_sparsity=0.95, pattern="unstructured", start_epoch=0, end_epoch=20)
         # the setting that measured best on our CPU proxy (the recipe's, conf/fisher/fishleg.yaml):
         FishLegFisher(damping=1.0, relative_damping=True, fvp="ggn", lr=1e-3, refresh_diagonal=True,
-                      diagonal_source=EmpiricalFisher(num_samples=1024))
+                      update_every=50, diagonal_source=EmpiricalFisher(num_samples=1024))
     """
 
     requires_data = True
