@@ -27,6 +27,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("LIGHTNING_FISHER_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
+
 @contextlib.contextmanager
 def benchmark_script(name: str, alias: str | None = None, threads: int | None = None,
                      forget: tuple[str, ...] = ()) -> Iterator[ModuleType]:
