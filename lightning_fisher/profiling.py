@@ -46,9 +46,10 @@ class HostSyncCounter(TorchDispatchMode):
 
     A ``TorchDispatchMode``: every aten call made inside ``with HostSyncCounter() as counter:`` goes
     through it (the calls an op makes inside its own kernel do not), so the count is exact and the same
-    on CPU as on CUDA; on the CPU it shows where a GPU run would stall. A read of a CPU tensor is no sync on a GPU (optimizers keep their ``step`` counters there), so
-    ``devices`` restricts the count to tensors on those device types, and ``ignore`` leaves out reads of
-    the given tensors (say an optimizer's ``state[p]["step"]``) when everything is on the CPU.
+    on CPU as on CUDA; on the CPU it shows where a GPU run would stall. A read of a CPU tensor is no sync
+    on a GPU (optimizers keep their ``step`` counters there), so ``devices`` restricts the count to
+    tensors on those device types, and ``ignore`` leaves out reads of the given tensors (say an
+    optimizer's ``state[p]["step"]``) when everything is on the CPU.
 
     Args:
         devices: device types (``"cuda"``, ``"cpu"``) whose tensors count; ``None`` counts every device.

@@ -115,12 +115,9 @@ def _masks_of(context: FisherContext, names: Iterable[str]) -> dict[str, Tensor]
 def _partial_and_active(masks: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], int]:
     """The masks holding at least one pruned weight, and the coordinates Q is learned on: the surviving
     weights where a mask is given, every one elsewhere."""
-    if not masks:
-        return {}, sum(p.numel() for p in params.values())
-    dense = torch.stack([m.all() for m in masks.values()]).tolist()  # one host read for every layer
-    partial = {n: m for (n, m), all_kept in zip(masks.items(), dense) if not all_kept}
-    kept = torch.stack([m.sum() for m in partial.values()]).tolist() if partial else []
-    return partial, sum(kept) + sum(p.numel() for n, p in params.items() if n not in partial)
+    kept = torch.stack([m.sum() for m in masks.values()]).tolist() if masks else []  # one host read for all
+    partial = {n: m for (n, m), k in zip(masks.items(), kept) if k < m.numel()}
+    return partial, sum(kept) + sum(p.numel() for n, p in params.items() if n not in masks)
 
 
 def _kept_positions(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> Tensor | None:
@@ -479,11 +476,13 @@ class FishLegFisher(FisherEstimator):
             diag = self._diag()
             a = torch.cat([(1.0 / diag[n].clamp_min(self.floor) - self.gamma).flatten() for n in names])
             b = torch.cat([squisher[n].flatten() for n in names])
-            if kept is not None:
-                a, b = a[kept], b[kept]
-            if a.numel() > self.agreement_samples:
-                pick = self._agreement_subsample(a.numel(), a.device)
-                a, b = a[pick], b[pick]
+            count = a.numel() if kept is None else kept.numel()
+            index = kept
+            if count > self.agreement_samples:  # one gather of the subsample, not one of every survivor first
+                pick = self._agreement_subsample(count, a.device)
+                index = pick if kept is None else kept[pick]
+            if index is not None:
+                a, b = a[index], b[index]
             return _spearman(a, b) if a.numel() > 1 else None
 
     def _agreement_subsample(self, count: int, device: torch.device) -> Tensor:
