@@ -51,6 +51,7 @@ _EXPORTS: dict[str, str] = {
     "model_bits": "lightning_fisher.compress",
     "bit_operations": "lightning_fisher.compress",
     "run_pipeline": "lightning_fisher.compress.pipeline",
+    "HostSyncCounter": "lightning_fisher.profiling",
 }
 
 __all__ = sorted(_EXPORTS)

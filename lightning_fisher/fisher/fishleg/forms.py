@@ -221,7 +221,7 @@ class ThreeFactorConvForm(LayerForm):
         b = self.right_in.T @ self.right_in
         c = self.right_k.T @ self.right_k
         # (A ⊗ B ⊗ C)·v as three matmuls, one mode at a time: the order torch.einsum("oa,aik,ij,kl->ojl")
-        # takes, with a third of its kernel launches (an update is launch-bound on a GPU)
+        # takes, with far fewer kernel launches (an update is launch-bound on a GPU)
         v = (vectors[0] * self.scales[0]).reshape(self.out, self.inp * self.kernel)
         y = (a @ v).reshape(self.out, self.inp, self.kernel)
         y = y.transpose(1, 2) @ b  # out × kernel × in
