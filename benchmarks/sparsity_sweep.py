@@ -72,6 +72,7 @@ split (10,000 images) after the last epoch (gradual) or right after the prune (o
     python benchmarks/sparsity_sweep.py                     # CPU proxy: width 16, 500 images/class
     python benchmarks/sparsity_sweep.py --width 4 --max-per-class 20 --epochs 3   # smoke test (minutes)
     python benchmarks/sparsity_sweep.py --mode oneshot --sparsities 0.8,0.9,0.95,0.98   # one-shot, no fine-tuning
+    python benchmarks/sparsity_sweep.py --prune-every-steps 13 --methods fishleg,fishleg_obs   # 3 prunes per epoch
     python benchmarks/sparsity_sweep.py --width 64 --max-per-class 0 --accelerator gpu --epochs 60 \\
         --prune-start 10 --prune-end 40                     # the full CIFAR ResNet18 on a GPU
 """
@@ -155,6 +156,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="epoch of the first prune (sparsity 0 there); default: epochs // 5 (gradual only)")
     parser.add_argument("--prune-end", type=int, default=None,
                         help="epoch where the target is reached; default: epochs * 3 // 4 (must be < epochs; gradual only)")
+    parser.add_argument("--prune-every-steps", type=int, default=0,
+                        help="prune every k optimizer steps between --prune-start and --prune-end (same cubic ramp, "
+                             "unit='step'); default 0: once per epoch (gradual only, not with lightning_l1)")
     parser.add_argument("--sparsities", default="0.9,0.95,0.98", help="comma-separated unstructured targets")
     parser.add_argument("--patterns", default="2:4", help="comma-separated N:M patterns ('' for none)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
@@ -220,6 +224,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.mode == "gradual" and not 0 <= args.prune_start < args.prune_end < args.epochs:
         parser.error(f"need 0 <= --prune-start ({args.prune_start}) < --prune-end ({args.prune_end}) "
                      f"< --epochs ({args.epochs}), so the last prune is followed by training")
+    if args.prune_every_steps < 0:
+        parser.error(f"--prune-every-steps ({args.prune_every_steps}): must be >= 0 (0 = once per epoch)")
+    if args.prune_every_steps and args.mode != "gradual":
+        parser.error(f"--prune-every-steps ({args.prune_every_steps}): only in --mode gradual")
+    if args.prune_every_steps and "lightning_l1" in args.methods:
+        parser.error(f"--prune-every-steps ({args.prune_every_steps}): lightning_l1 (ModelPruning) prunes at "
+                     "epoch ends only; leave it out of --methods")
     if args.fishleg_pretrain < 0:
         parser.error(f"--fishleg-pretrain ({args.fishleg_pretrain}): must be >= 0")
     if args.fishleg_update_every < 1:
@@ -330,13 +341,26 @@ def _shape(target: str) -> dict[str, object]:
     return {"pattern": target} if ":" in target else {"pattern": "unstructured", "target_sparsity": float(target)}
 
 
+def _schedule(args: argparse.Namespace) -> dict[str, object]:
+    """FisherPruning's schedule arguments: once per epoch, or every ``--prune-every-steps`` optimizer steps.
+
+    In steps, the ramp spans the same training: from the first step of epoch ``--prune-start`` to the
+    first of epoch ``--prune-end`` (``args.steps_per_epoch``, set by ``main`` from the data loader).
+    """
+    if not args.prune_every_steps:
+        return {"schedule": "gradual", "start_epoch": args.prune_start, "end_epoch": args.prune_end,
+                "frequency": 1, "verbose": False}
+    steps = args.steps_per_epoch
+    return {"schedule": "gradual", "unit": "step", "start_epoch": args.prune_start * steps,
+            "end_epoch": args.prune_end * steps, "frequency": args.prune_every_steps, "verbose": False}
+
+
 def _callbacks(method: str, target: str, model: ImageClassifier, args: argparse.Namespace) -> list[Callback] | None:
     """The pruning callback of ``method`` at ``target``; ``None`` when the method cannot do it."""
     if method in ("dense", "dense_adafisher"):
         return []
     nm = ":" in target
-    schedule = {"schedule": "gradual", "start_epoch": args.prune_start, "end_epoch": args.prune_end,
-                "frequency": 1, "verbose": False}
+    schedule = _schedule(args)
     shape = _shape(target)
     if method == "magnitude_layer":
         return [FisherPruning(criterion="magnitude", scope="layer", **shape, **schedule)]
@@ -639,8 +663,9 @@ def _budget(args: argparse.Namespace, train_images: int, test_images: int, steps
                      f"wd {settings['weight_decay']:g})")
     fishleg = [m for m in args.methods if m.startswith("fishleg")]
     if args.mode == "gradual":
+        every = f"every {args.prune_every_steps} steps" if args.prune_every_steps else "every epoch"
         pruning = (f"mode gradual: every method trains from scratch, cubic pruning from epoch {args.prune_start} "
-                   f"(0%) to epoch {args.prune_end} (target), every epoch, then fine-tunes to epoch {args.epochs}")
+                   f"(0%) to epoch {args.prune_end} (target), {every}, then fine-tunes to epoch {args.epochs}")
         fishleg_text = repr(fishleg_estimator(args))
     else:
         bn = (f"BatchNorm recalibrated on {args.bn_recalibrate} training batches" if args.bn_recalibrate
@@ -715,6 +740,7 @@ def main(argv: list[str] | None = None) -> None:
         data.prepare_data()
         data.setup("fit")
         steps = len(data.train_dataloader())
+        args.steps_per_epoch = steps
         budget = _budget(args, len(data.train_set), len(data.test_set), steps)
         print(f"budget: {budget}", flush=True)
         total = time.perf_counter()

@@ -81,6 +81,9 @@ def test_fisher_scale(sweep: ModuleType) -> None:
     ["--fishleg-heldout", "2"],  # gradual: Q learns during training, no before/after
     ["--epochs", "1"],  # gradual: no room for a prune followed by training
     ["--epochs", "4", "--prune-start", "1", "--prune-end", "4"],
+    ["--prune-every-steps", "-1"],
+    ["--prune-every-steps", "10", "--methods", "fishleg,lightning_l1"],  # ModelPruning prunes at epoch ends
+    ["--prune-every-steps", "10", "--methods", "fishleg", "--mode", "oneshot"],
 ])
 def test_bad_arguments(sweep: ModuleType, argv: list[str]) -> None:
     with pytest.raises(SystemExit):
@@ -143,6 +146,21 @@ def test_fishleg_callbacks(sweep: ModuleType, method: str, compensate: bool, tar
     assert callback.pruner.compensate is compensate and callback.pruner.scope == "global"
     assert callback.pattern == ("unstructured" if target == "0.9" else "2:4")
     assert callback.pruner.target_sparsity == (0.9 if target == "0.9" else 0.5)
+
+
+@pytest.mark.parametrize("method", ["magnitude_global", "squisher", "fishleg_obs"])
+def test_prune_every_steps_spans_the_same_epochs_in_steps(sweep: ModuleType, method: str) -> None:
+    args = sweep.parse_args(["--prune-every-steps", "10", "--methods", method])
+    args.steps_per_epoch = 40  # main sets it from the training loader
+    model = sweep._model(method, sweep.parse_args(["--width", "4"]))
+    (callback,) = sweep._callbacks(method, "0.95", model, args)
+    schedule = callback.pruner.schedule
+    assert callback.unit == "step" and (schedule.start, schedule.end, schedule.frequency) == (40, 240, 10)
+    assert schedule.positions() == list(range(40, 241, 10)) and schedule.level_at(240) == 0.95
+    (per_epoch,) = sweep._callbacks(method, "0.95", model, sweep.parse_args(["--methods", method]))
+    assert per_epoch.unit == "epoch" and per_epoch.pruner.schedule.positions() == [1, 2, 3, 4, 5, 6]
+    # at an epoch boundary both reach the same level
+    assert schedule.level_at(3 * 40) == pytest.approx(per_epoch.pruner.schedule.level_at(3))
 
 
 @pytest.mark.parametrize(("method", "damped"), [("squisher", True), ("empirical", True), ("fishleg_obs", False)])
@@ -298,6 +316,17 @@ def test_main_gradual_fishleg(sweep: ModuleType, cifar_dir: Path, tmp_path: Path
     for method in ("fishleg", "fishleg_obs"):
         (row,) = [line for line in lines if line.startswith(f"| {method} |")]
         assert "n/a" not in row  # both ran to a test accuracy
+
+
+def test_main_gradual_prunes_every_few_steps(sweep: ModuleType, cifar_dir: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "steps.csv"
+    sweep.main(["--data-dir", str(cifar_dir), "--epochs", "3", "--prune-start", "1", "--prune-end", "2",
+                "--prune-every-steps", "2", "--sparsities", "0.9", "--patterns", "", "--methods", "squisher",
+                "--no-dense", "--output", str(out), *TINY])
+    assert "cubic pruning from epoch 1 (0%) to epoch 2 (target), every 2 steps" in capsys.readouterr().out
+    (row,) = list(csv.DictReader(out.open()))
+    assert float(row["achieved_sparsity"]) == pytest.approx(0.9, abs=1e-3)
 
 
 def test_main_gradual_kronecker_uses_adafisherw_settings(sweep: ModuleType, cifar_dir: Path, tmp_path: Path) -> None:
