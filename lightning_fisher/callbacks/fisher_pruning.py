@@ -43,6 +43,7 @@ that would remove weights at position 0 is an error at ``on_fit_start``; the gra
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from functools import partial
@@ -399,11 +400,16 @@ class FisherPruning(Callback):
 
     def _warn_if_schedule_outlasts_training(self, trainer: L.Trainer) -> None:
         last = self.pruner.schedule.last
-        limit = trainer.max_epochs if self.unit == "epoch" else trainer.max_steps
-        if limit is not None and limit >= 0 and last >= limit:
+        if self.unit == "epoch":
+            limit, stop = trainer.max_epochs, f"max_epochs={trainer.max_epochs}"
+        elif trainer.max_steps is not None and trainer.max_steps >= 0:
+            limit, stop = trainer.max_steps, f"max_steps={trainer.max_steps}"
+        else:  # bounded by epochs: Lightning counts the optimizer steps they make (this loads the train loader)
+            limit = trainer.estimated_stepping_batches
+            stop = f"{limit:g} optimizer steps (max_epochs={trainer.max_epochs})"
+        if limit is not None and 0 <= limit < math.inf and last >= limit:
             rank_zero_warn(
-                f"FisherPruning: the last prune is at {self.unit} {last} but training stops at "
-                f"max_{self.unit}s={limit}: "
+                f"FisherPruning: the last prune is at {self.unit} {last} but training stops at {stop}: "
                 f"the target sparsity {self.pruner.target_sparsity:g} will not be reached"
             )
 

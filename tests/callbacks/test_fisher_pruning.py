@@ -6,6 +6,7 @@ import copy
 import logging
 import os
 import re
+import warnings
 from functools import partial
 from pathlib import Path
 from collections.abc import Callable
@@ -646,6 +647,27 @@ def test_schedule_longer_than_training_warns(make_trainer, digits, make_module):
     with pytest.warns(UserWarning, match="the last prune is at epoch 3 but training stops at max_epochs=3"):
         make_trainer([pruning], max_epochs=3, limit_train_batches=1, limit_val_batches=0).fit(make_module(), digits)
 
+
+
+@pytest.mark.parametrize(
+    ("end_step", "limits", "match"),
+    [
+        (8, {}, "the last prune is at step 8 but training stops at 8 optimizer steps \\(max_epochs=4\\)"),
+        (5, {"max_steps": 5}, "the last prune is at step 5 but training stops at max_steps=5"),
+        (6, {}, None),  # ends inside the 8 steps: no warning
+    ],
+)
+def test_step_schedule_longer_than_training_warns(make_trainer, digits, make_module, end_step, limits, match):
+    pruning = FisherPruning(target_sparsity=0.5, criterion="magnitude", unit="step", start_epoch=2, end_epoch=end_step)
+    trainer = make_trainer([pruning], max_epochs=4, accumulate_grad_batches=2, limit_val_batches=0, **limits)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(make_module(), digits)
+    last_prune = [str(w.message) for w in caught if "the last prune" in str(w.message)]
+    if match is None:
+        assert last_prune == [] and pruning.sparsity == pytest.approx(0.5, abs=1e-3)
+    else:
+        assert len(last_prune) == 1 and re.search(match, last_prune[0]), last_prune
 
 # ---------------------------------------------------------------- layer-collapse guard (min_layer_density)
 
