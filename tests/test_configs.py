@@ -85,6 +85,19 @@ def test_a_pruning_argument_the_yaml_leaves_out_is_set_with_a_plus(compose_confi
     assert pruning.pruner.fisher_damping == 1.0
 
 
+
+def test_a_recipe_prunes_in_optimizer_steps_with_unit_step(compose_config):
+    # the README's example: about three prunes an epoch over the recipe's epochs 10 to 40 (391 steps each)
+    cfg = compose_config(
+        "recipe=cifar10_resnet18_gradual95", "+pruning.unit=step", "pruning.start_epoch=3910",
+        "pruning.end_epoch=15640", "+pruning.frequency=130",
+    )
+    (pruning,) = [cb for cb in build(cfg)["callbacks"] if isinstance(cb, FisherPruning)]
+    positions = list(pruning.pruner.schedule.positions())
+    assert pruning.unit == "step" and positions[0] == 3910 and positions[-1] == 15640
+    gaps = [b - a for a, b in zip(positions, positions[1:])]
+    assert gaps == [130] * 90 + [30]  # 30 × 391 = 90 × 130 + 30: the end position is always a prune
+
 def test_callback_entry_without_target_is_rejected(compose_config):
     with pytest.raises(ValueError, match="callbacks.model_chekpoint"):
         build(compose_config("+callbacks.model_chekpoint.save_last=true"))
