@@ -273,11 +273,13 @@ class FisherPruning(Callback):
         if self.estimator is not None:
             self.estimator.check(self._optimizer(trainer))
             self._check_fisher_before_first_step()
-        self._warn_if_schedule_outlasts_training(trainer)
         self._attach(trainer)
         self.pruner.apply_()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Not in on_fit_start: counting the optimizer steps of max_epochs needs the train loader, and loading
+        # it before Lightning restores the checkpoint's loop state would drop a resumable loader's position.
+        self._warn_if_schedule_outlasts_training(trainer)
         if self._swapped:  # resumed after the swap: the checkpoint was dense, the optimizer state too
             self._swap(trainer, pl_module)
 
@@ -404,7 +406,7 @@ class FisherPruning(Callback):
             limit, stop = trainer.max_epochs, f"max_epochs={trainer.max_epochs}"
         elif trainer.max_steps is not None and trainer.max_steps >= 0:
             limit, stop = trainer.max_steps, f"max_steps={trainer.max_steps}"
-        else:  # bounded by epochs: Lightning counts the optimizer steps they make (this loads the train loader)
+        else:  # bounded by epochs: Lightning counts the optimizer steps they make (the loader is set up by now)
             limit = trainer.estimated_stepping_batches
             stop = f"{limit:g} optimizer steps (max_epochs={trainer.max_epochs})"
         if limit is not None and 0 <= limit < math.inf and last >= limit:
