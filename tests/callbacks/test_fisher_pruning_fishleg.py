@@ -169,6 +169,26 @@ def test_fisher_criterion_without_compensation_uses_the_implied_diagonal(make_tr
     assert pruning.sparsity == pytest.approx(0.5, abs=1 / 9920)
 
 
+def test_refreshed_fishleg_without_compensation_trains_as_damped_obd_on_the_same_diagonal(make_trainer, digits, make_module):
+    # The ablation of FishLeg Surgeon's OBS update: refreshed from EmpiricalFisher with γ = δ·mean F̂, its
+    # implied diagonal is F̂, so FisherPruning(fisher_damping=δ) must prune, prune after prune, exactly as
+    # with EmpiricalFisher itself. Three prunes: from the second on, the mean F̂ covers pruned coordinates.
+    def fit(estimator: FisherEstimator) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        pruning = FisherPruning(estimator=estimator, fisher_damping=1.0, target_sparsity=0.8, start_epoch=1, end_epoch=4)
+        torch.manual_seed(0)
+        module = make_module()
+        make_trainer([pruning], max_epochs=5).fit(module, digits)
+        assert pruning.sparsity == pytest.approx(0.8, abs=1 / 9920)
+        return dict(pruning.masks), {n: p.detach() for n, p in module.named_parameters()}
+
+    fishleg = FishLegFisher(damping=1.0, relative_damping=True, fvp="ggn", lr=1e-3, refresh_diagonal=True,
+                            update_every=2, pretrain_steps=3, diagonal_source=EmpiricalFisher(num_samples=128))
+    (obd_masks, obd_weights), (fishleg_masks, fishleg_weights) = fit(EmpiricalFisher(num_samples=128)), fit(fishleg)
+    assert fishleg.updates > 3
+    assert all(torch.equal(obd_masks[n], fishleg_masks[n]) for n in obd_masks)
+    assert all(torch.equal(obd_weights[n], fishleg_weights[n]) for n in obd_weights)
+
+
 def _fit(module: L.LightningModule, data: L.LightningDataModule, callbacks: list, root: Path, epochs: int, ckpt_path: str | None = None) -> L.Trainer:
     trainer = L.Trainer(
         max_epochs=epochs,

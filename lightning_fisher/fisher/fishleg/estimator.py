@@ -213,9 +213,13 @@ class FishLegFisher(FisherEstimator):
             (``diagonal_source``, else the optimizer's second moment, else ``init_batches``
             sampled-gradient batches). D_q is multiplied
             by √(target_q / Q_qq), so the correlations Q_ij/√(Q_ii Q_jj) that FishLeg learned are kept and
-            only each weight's own scale follows the network as it trains and loses weights; pruned
-            coordinates keep theirs. Without it Q's diagonal is the one of the first prune, moved only
-            by the auxiliary updates. Needs ``init`` other than ``"identity"``.
+            only each weight's own scale follows the network as it trains and loses weights. Pruned
+            coordinates are rescaled too, so that the Fisher Q implies (:meth:`diagonal`) is the current
+            F̂ on every coordinate. Their D is frozen in learning and meets only zeros in its products
+            and in the independent OBS update, so nothing else changes there; the joint OBS update
+            (the pruner's ``obs_iterations``), which solves over every zeroed weight, does read them. Without it Q's
+            diagonal is the one of the first prune, moved only by the auxiliary updates. Needs ``init``
+            other than ``"identity"``.
         refresh_match: what the refresh matches to F̂ + γ. ``"inverse"``: diag(Q) = 1/(F̂ + γ), so the
             OBS score θ²/(2Q_qq) is the damped OBD score. ``"fisher"``: diag(Q⁻¹) = F̂ + γ, i.e. the
             Fisher that Q implies has the current diagonal; then Q_qq = ρ_q/(F̂_q + γ) with
@@ -664,19 +668,18 @@ class FishLegFisher(FisherEstimator):
 
     @torch.no_grad()
     def _rescale_diagonal(self, context: FisherContext) -> None:
-        """D_q ← D_q·√(target_q / Q_qq), target = 1/(F̂ + γ) now (× ρ_q for ``refresh_match="fisher"``);
-        pruned coordinates untouched."""
+        """D_q ← D_q·√(target_q / Q_qq), target = 1/(F̂ + γ) now (× ρ_q for ``refresh_match="fisher"``).
+
+        Pruned coordinates too: left at the scale of an earlier prune, their implied Fisher 1/Q_qq − γ
+        would enter ``criterion="fisher"``'s relative damping (the mean of the whole diagonal) stale, so
+        FishLeg without compensation would no longer damp, and rank, as OBD does on the same F̂."""
         target = self._damped_inverse(context, self._fisher_estimate(context))
         current = self._diag()
-        masks, _ = self._mask_view(context, self._params(context))
         for form in self.forms:
             inflation = form.correlation_inflation() if self.refresh_match == "fisher" else None
             for i, (name, scale) in enumerate(zip(form.names, form.coordinate_scales())):
                 wanted = target[name].to(scale) if inflation is None else target[name].to(scale) * inflation[i]
-                ratio = (wanted / current[name].clamp_min(self.floor)).sqrt()
-                if name in masks:
-                    ratio = torch.where(masks[name].to(scale.device), ratio, torch.ones_like(ratio))
-                scale.mul_(ratio)
+                scale.mul_((wanted / current[name].clamp_min(self.floor)).sqrt())
 
     def _generator(self, params: Mapping[str, Tensor], salt: int) -> torch.Generator:
         device = next(iter(params.values())).device
