@@ -52,7 +52,10 @@ The stem conv and the classifier stay dense for every method. Methods:
   rescaled to the current Fisher at every prune, matching diag Q or, with ``--fishleg-refresh-match fisher``,
   the diagonal of the Fisher Q implies; with ``--fishleg-diagonal empirical`` Q's diagonal (Q₀ and
   refreshes) comes from ``EmpiricalFisher`` instead of the Squisher; scored
-  with the diagonal Fisher Q implies, θ²F/2, no compensation). Q starts from AdamW's second moment
+  with the diagonal Fisher Q implies, θ²F/2, no compensation; with ``--fishleg-refresh
+  --fishleg-relative-damping`` and ``--fisher-damping`` equal to ``--fishleg-damping`` that is the damped
+  OBD of the refreshing diagonal, so it ranks as ``empirical`` or ``squisher`` do (bit-identical training
+  in the tests' tiny runs): FishLeg Surgeon without its update). Q starts from AdamW's second moment
   and learns every ``update_every`` steps during training (gradual only) and ``pretrain_steps`` times
   before its first prune;
 * ``fishleg_obs``: the same with ``compensate=True``: OBS scores θ²/(2Q_qq) and the OBS update of the

@@ -17,6 +17,13 @@ for path in pathlib.Path(__file__).parent.glob("*.csv"):
 for seed, (a95, a98) in enumerate([(0.4029, 0.3772), (0.4046, 0.3798), (0.4021, 0.3741)]):
     runs[("obsep355", seed, "0.95")] = (a95, None)
     runs[("obsep355", seed, "0.98")] = (a98, None)
+# At 80/90% one prune an epoch on the 355f63f checkout (sparsity_sweep_gradual_80_90_cpu.md): damped empirical
+# OBD, and FishLeg Surgeon learning every 10 steps
+for name, rows in {"emp355": [(0.4289, 0.4170), (0.4325, 0.4237), (0.4342, 0.4244)],
+                   "obsep355u10": [(0.4275, 0.4167), (0.4298, 0.4194), (0.4328, 0.4220)]}.items():
+    for seed, (a80, a90) in enumerate(rows):
+        runs[(name, seed, "0.8")] = (a80, None)
+        runs[(name, seed, "0.9")] = (a90, None)
 
 GROUPS = {
     ("0.95", "0.98"): (
@@ -24,7 +31,11 @@ GROUPS = {
         [("obs13", "emp13"), ("obs13", "sq13"), ("obs13", "mag13"), ("obs13", "fl13"), ("obsep", "flep"),
          ("obs13", "obsep"), ("fl13", "emp13"), ("obsep", "obsep355")],
     ),
-    ("0.8", "0.9"): (["obs13m", "fl13m"], [("obs13m", "fl13m")]),
+    ("0.8", "0.9"): (
+        ["obs13m", "emp13m", "fl13m", "obsepm", "empep", "emp355", "obsep355u10"],
+        [("obs13m", "emp13m"), ("obs13m", "fl13m"), ("fl13m", "emp13m"), ("obsepm", "emp355"),
+         ("obsepm", "obsep355u10"), ("empep", "emp355")],
+    ),
 }
 
 for targets, (names, pairs) in GROUPS.items():
