@@ -216,10 +216,10 @@ class FishLegFisher(FisherEstimator):
             only each weight's own scale follows the network as it trains and loses weights. Pruned
             coordinates are rescaled too, so that the Fisher Q implies (:meth:`diagonal`) is the current
             F̂ on every coordinate. Their D is frozen in learning and meets only zeros in its products
-            and in the independent OBS update, so nothing else changes there; the joint OBS update
-            (the pruner's ``obs_iterations``), which solves over every zeroed weight, does read them. Without it Q's
-            diagonal is the one of the first prune, moved only by the auxiliary updates. Needs ``init``
-            other than ``"identity"``.
+            and in the independent OBS update, so nothing else changes there; the joint OBS update (the
+            pruner's ``obs_iterations``), which solves over every zeroed weight, does read them. Without
+            it Q's diagonal is the one of the first prune, moved only by the auxiliary updates. Needs
+            ``init`` other than ``"identity"``.
         refresh_match: what the refresh matches to F̂ + γ. ``"inverse"``: diag(Q) = 1/(F̂ + γ), so the
             OBS score θ²/(2Q_qq) is the damped OBD score. ``"fisher"``: diag(Q⁻¹) = F̂ + γ, i.e. the
             Fisher that Q implies has the current diagonal; then Q_qq = ρ_q/(F̂_q + γ) with
