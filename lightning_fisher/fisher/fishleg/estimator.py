@@ -169,7 +169,8 @@ class FishLegFisher(FisherEstimator):
     when it is Adam-family and has state, else B·ḡ² at sampled labels averaged over ``init_batches``
     batches (an unbiased diag(F), in the same per-sample units). ``diagonal()`` returns
     max(1/diag(Q) − γ, 0): the diagonal Fisher implied by Q, so ``criterion="fisher"`` without
-    ``compensate`` scores θ²F/2 with it.
+    ``compensate`` scores θ²F/2 with it (with ``refresh_diagonal`` and ``refresh_match="inverse"``, the
+    refreshed F̂ itself: OBD on F̂, FishLeg Surgeon's ranking without its OBS update).
 
     When Q learns: every ``update_every`` optimizer steps (the callback calls :meth:`on_train_step`
     with the current batch), and ``pretrain_steps`` updates on the context's batches just before the
@@ -357,18 +358,29 @@ class FishLegFisher(FisherEstimator):
         log.debug("FishLegFisher: %d blocks, %d λ entries", len(forms), self.num_parameters())
 
     def diagonal(self, context: FisherContext) -> dict[str, Tensor]:
-        """max(1/diag(Q) − γ, 0): the diagonal Fisher Q implies (see the class docstring)."""
-        return {n: (1.0 / q - self.gamma).clamp_min_(0.0) for n, q in self.inverse_diagonal(context).items()}
+        """max(1/diag(Q) − γ, 0): the diagonal Fisher Q implies (see the class docstring).
+
+        With ``refresh_diagonal`` and ``refresh_match="inverse"`` the refresh has just made
+        diag(Q) = 1/(F̂ + γ), so this is F̂, returned as estimated: 1/Q_qq − γ would keep only the digits
+        of F̂_q that survive the cancellation against γ, few where F̂_q ≪ γ, and move nearly tied OBD
+        scores off damped OBD's on the same F̂."""
+        inverse, fisher = self._refreshed_inverse_diagonal(context)
+        if fisher is not None and self.refresh_match == "inverse":
+            return {n: fisher[n].float().clamp_min(0.0) for n in inverse}
+        return {n: (1.0 / q - self.gamma).clamp_min_(0.0) for n, q in inverse.items()}
 
     def inverse_diagonal(self, context: FisherContext) -> dict[str, Tensor]:
         """diag(Q) for the parameters of ``context`` (closed form), floored at ``floor``.
 
         With ``refresh_diagonal`` the scales D are first rescaled to the current Fisher (see the class)."""
+        return self._refreshed_inverse_diagonal(context)[0]
+
+    def _refreshed_inverse_diagonal(self, context: FisherContext) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+        """:meth:`inverse_diagonal`, and the F̂ its refresh matched (None without ``refresh_diagonal``)."""
         self._ready(context)
-        if self.refresh_diagonal:
-            self._rescale_diagonal(context)
+        fisher = self._rescale_diagonal(context) if self.refresh_diagonal else None
         diag = self._diag()
-        return {n: diag[n].clamp_min(self.floor) for n in context.parameters}
+        return {n: diag[n].clamp_min(self.floor) for n in context.parameters}, fisher
 
     @torch.no_grad()
     def inverse_product(self, context: FisherContext, vectors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -667,19 +679,23 @@ class FishLegFisher(FisherEstimator):
         return {n: 1.0 / (f.float() + self.gamma) for n, f in fisher.items()}
 
     @torch.no_grad()
-    def _rescale_diagonal(self, context: FisherContext) -> None:
-        """D_q ← D_q·√(target_q / Q_qq), target = 1/(F̂ + γ) now (× ρ_q for ``refresh_match="fisher"``).
+    def _rescale_diagonal(self, context: FisherContext) -> dict[str, Tensor]:
+        """D_q ← D_q·√(target_q / Q_qq), target = 1/(F̂ + γ) now (× ρ_q for ``refresh_match="fisher"``);
+        returns F̂.
 
         Pruned coordinates too: left at the scale of an earlier prune, their implied Fisher 1/Q_qq − γ
         would enter ``criterion="fisher"``'s relative damping (the mean of the whole diagonal) stale, so
         FishLeg without compensation would no longer damp, and rank, as OBD does on the same F̂."""
-        target = self._damped_inverse(context, self._fisher_estimate(context))
+        fisher = self._fisher_estimate(context)
+        assert fisher is not None  # refresh_diagonal rules out init="identity"
+        target = self._damped_inverse(context, fisher)
         current = self._diag()
         for form in self.forms:
             inflation = form.correlation_inflation() if self.refresh_match == "fisher" else None
             for i, (name, scale) in enumerate(zip(form.names, form.coordinate_scales())):
                 wanted = target[name].to(scale) if inflation is None else target[name].to(scale) * inflation[i]
                 scale.mul_((wanted / current[name].clamp_min(self.floor)).sqrt())
+        return fisher
 
     def _generator(self, params: Mapping[str, Tensor], salt: int) -> torch.Generator:
         device = next(iter(params.values())).device
