@@ -19,7 +19,9 @@ Hooks and what each does (one core call each):
   (``fishleg/aux_loss``, ``fishleg/diag_agreement``). Skipped for estimators that do not override it.
 - around every estimate (at a prune, in the step hook): torch's generators and the datamodule's own
   (``preserved_rng()``, which ImageDataModule offers for its augmentation) are restored afterwards, so
-  the batches an estimate draws leave the batches training sees unchanged, whatever the criterion.
+  the batches an estimate draws leave the batches training sees unchanged, whatever the criterion; and
+  every pass over the context's batches starts from that same state, so an estimate that reads them
+  twice (FishLeg's pre-training, then its refresh) sees in each pass what a one-pass estimate sees.
 - ``on_train_epoch_end``: log ``pruning/target_sparsity`` and ``pruning/sparsity``.
 - with ``sparse_kernels=True`` and an N:M pattern, once the last prune is done: swap the N:M layers for
   the sparse modules of :mod:`lightning_fisher.sparse` (``sparsify_training_``, which moves the
@@ -44,7 +46,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from functools import partial
 from typing import Any, Literal
@@ -304,8 +306,9 @@ class FisherPruning(Callback):
             return
         self._stepped = False
         current = (batch[0], batch[1])
-        context = self._context(trainer, pl_module, batches=partial(_step_batches, current, trainer, pl_module))
-        with _training_stream_preserved(trainer):
+        passes = _Passes(partial(_step_batches, current, trainer, pl_module), trainer)
+        context = self._context(trainer, pl_module, batches=passes)
+        with _training_stream_preserved(trainer), passes:
             metrics = self.estimator.on_train_step(context, trainer.global_step)
         for name, value in metrics.items():
             pl_module.log(name, value, on_step=True, on_epoch=False)
@@ -426,7 +429,8 @@ class FisherPruning(Callback):
                     f"({self.unit} {position}); prune later or use a data-based estimator"
                 )
             context = self._context(trainer, pl_module)
-            with _training_stream_preserved(trainer):
+            passes = context.batches if isinstance(context.batches, _Passes) else nullcontext()
+            with _training_stream_preserved(trainer), passes:
                 if self.pruner.compensate:
                     inverse_diag = self._all_reduce(trainer, self.estimator.inverse_diagonal(context))
                     inverse_product = partial(self.estimator.inverse_product, context)
@@ -497,7 +501,7 @@ class FisherPruning(Callback):
         assert self.estimator is not None
         loss = getattr(pl_module, "loss", None)
         if batches is None and self.estimator.requires_data:
-            batches = partial(_training_batches, trainer, pl_module)
+            batches = _Passes(partial(_training_batches, trainer, pl_module), trainer)
         return FisherContext(
             model=pl_module,
             parameters=dict(self.pruner.parameters),
@@ -541,6 +545,42 @@ def _step_batches(
     source, built at its first update) reads on; the loader starts only if something reads past the first."""
     yield current
     yield from _training_batches(trainer, pl_module)
+
+
+class _Passes:
+    """``FisherContext.batches``: every call starts a pass over ``batches()`` from the random state of the
+    estimate's start.
+
+    Each pass draws inside its own ``_training_stream_preserved``; a pass still open when the next one
+    starts is closed first, which puts the state back, and leaving the ``with`` block closes the last one.
+    So an estimate that reads the batches more than once (FishLeg's pre-training updates, then its
+    refreshed diagonal) sees in each pass the augmented batches an estimator reading them once sees, and
+    no pass left open restores the state later, in the middle of training."""
+
+    def __init__(self, batches: Callable[[], Iterator[tuple[Tensor, Tensor]]], trainer: L.Trainer) -> None:
+        self._batches = batches
+        self._trainer = trainer
+        self._open: Generator[tuple[Tensor, Tensor], None, None] | None = None
+
+    def __call__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        self._close()
+        self._open = self._pass()
+        return self._open
+
+    def __enter__(self) -> _Passes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self._open is not None:
+            self._open.close()
+            self._open = None
+
+    def _pass(self) -> Generator[tuple[Tensor, Tensor], None, None]:
+        with _training_stream_preserved(self._trainer):
+            yield from self._batches()
 
 
 @contextmanager

@@ -169,15 +169,19 @@ def test_fisher_criterion_without_compensation_uses_the_implied_diagonal(make_tr
     assert pruning.sparsity == pytest.approx(0.5, abs=1 / 9920)
 
 
-def test_refreshed_fishleg_without_compensation_trains_as_damped_obd_on_the_same_diagonal(make_trainer, digits, make_module):
+@pytest.mark.parametrize("augmented", [False, True])
+def test_refreshed_fishleg_without_compensation_trains_as_damped_obd_on_the_same_diagonal(make_trainer, digits, make_module, augmented):
     # The ablation of FishLeg Surgeon's OBS update: refreshed from EmpiricalFisher with γ = δ·mean F̂, its
     # implied diagonal is F̂, so FisherPruning(fisher_damping=δ) must prune, prune after prune, exactly as
     # with EmpiricalFisher itself. Three prunes: from the second on, the mean F̂ covers pruned coordinates.
+    # With augmentation, the refresh after the pre-training updates must see the batches a one-pass
+    # estimate sees, and no pass may disturb the augmentations training sees afterwards.
     def fit(estimator: FisherEstimator) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         pruning = FisherPruning(estimator=estimator, fisher_damping=1.0, target_sparsity=0.8, start_epoch=1, end_epoch=4)
         torch.manual_seed(0)
         module = make_module()
-        make_trainer([pruning], max_epochs=5).fit(module, digits)
+        data = DigitsDataModule(batch_size=32, max_per_class=20, seed=0) if augmented else digits
+        make_trainer([pruning], max_epochs=5).fit(module, data)
         assert pruning.sparsity == pytest.approx(0.8, abs=1 / 9920)
         return dict(pruning.masks), {n: p.detach() for n, p in module.named_parameters()}
 
