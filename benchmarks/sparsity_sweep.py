@@ -54,9 +54,8 @@ The stem conv and the classifier stay dense for every method. Methods:
   refreshes) comes from ``EmpiricalFisher`` instead of the Squisher; scored
   with the diagonal Fisher Q implies, θ²F/2, no compensation; with ``--fishleg-refresh
   --fishleg-relative-damping`` and ``--fisher-damping`` equal to ``--fishleg-damping`` that is the damped
-  OBD of the refreshing diagonal, so it ranks as ``empirical`` or ``squisher`` do: FishLeg Surgeon without
-  its update; bit-identical training in the tests' tiny runs, but with augmentation the pre-training
-  updates at the first prune still make them differ, results/sparsity_sweep_gradual_every13_cpu.md). Q starts from AdamW's second moment
+  OBD of the refreshing diagonal, so it ranks and trains as ``empirical`` or ``squisher`` do: FishLeg
+  Surgeon without its update; bit-identical in the tests' tiny runs). Q starts from AdamW's second moment
   and learns every ``update_every`` steps during training (gradual only) and ``pretrain_steps`` times
   before its first prune;
 * ``fishleg_obs``: the same with ``compensate=True``: OBS scores θ²/(2Q_qq) and the OBS update of the
