@@ -306,9 +306,8 @@ class FisherPruning(Callback):
             return
         self._stepped = False
         current = (batch[0], batch[1])
-        passes = _Passes(partial(_step_batches, current, trainer, pl_module), trainer)
-        context = self._context(trainer, pl_module, batches=passes)
-        with _training_stream_preserved(trainer), passes:
+        context = self._context(trainer, pl_module, batches=partial(_step_batches, current, trainer, pl_module))
+        with _estimating(trainer, context):
             metrics = self.estimator.on_train_step(context, trainer.global_step)
         for name, value in metrics.items():
             pl_module.log(name, value, on_step=True, on_epoch=False)
@@ -429,8 +428,7 @@ class FisherPruning(Callback):
                     f"({self.unit} {position}); prune later or use a data-based estimator"
                 )
             context = self._context(trainer, pl_module)
-            passes = context.batches if isinstance(context.batches, _Passes) else nullcontext()
-            with _training_stream_preserved(trainer), passes:
+            with _estimating(trainer, context):
                 if self.pruner.compensate:
                     inverse_diag = self._all_reduce(trainer, self.estimator.inverse_diagonal(context))
                     inverse_product = partial(self.estimator.inverse_product, context)
@@ -501,12 +499,12 @@ class FisherPruning(Callback):
         assert self.estimator is not None
         loss = getattr(pl_module, "loss", None)
         if batches is None and self.estimator.requires_data:
-            batches = _Passes(partial(_training_batches, trainer, pl_module), trainer)
+            batches = partial(_training_batches, trainer, pl_module)
         return FisherContext(
             model=pl_module,
             parameters=dict(self.pruner.parameters),
             optimizer=self._optimizer(trainer),
-            batches=batches,
+            batches=None if batches is None else _Passes(batches, trainer),
             loss_fn=loss if callable(loss) else F.cross_entropy,
             batch_size=_loader_batch_size(trainer) or self._first_batch_size,
             accumulate_grad_batches=trainer.accumulate_grad_batches,
@@ -552,7 +550,7 @@ class _Passes:
     estimate's start.
 
     Each pass draws inside its own ``_training_stream_preserved``; a pass still open when the next one
-    starts is closed first, which puts the state back, and leaving the ``with`` block closes the last one.
+    starts is closed first, which puts the state back, and ``_estimating`` closes the last one.
     So an estimate that reads the batches more than once (FishLeg's pre-training updates, then its
     refreshed diagonal) sees in each pass the augmented batches an estimator reading them once sees, and
     no pass left open restores the state later, in the middle of training."""
@@ -563,17 +561,11 @@ class _Passes:
         self._open: Generator[tuple[Tensor, Tensor], None, None] | None = None
 
     def __call__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        self._close()
+        self.close()
         self._open = self._pass()
         return self._open
 
-    def __enter__(self) -> _Passes:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._close()
-
-    def _close(self) -> None:
+    def close(self) -> None:
         if self._open is not None:
             self._open.close()
             self._open = None
@@ -581,6 +573,18 @@ class _Passes:
     def _pass(self) -> Generator[tuple[Tensor, Tensor], None, None]:
         with _training_stream_preserved(self._trainer):
             yield from self._batches()
+
+
+@contextmanager
+def _estimating(trainer: L.Trainer, context: FisherContext) -> Iterator[None]:
+    """Around an estimate: the training stream preserved, and the context's last pass over its batches
+    closed on the way out (left open, it would put the stream back later, in the middle of training)."""
+    with _training_stream_preserved(trainer):
+        try:
+            yield
+        finally:
+            if isinstance(context.batches, _Passes):
+                context.batches.close()
 
 
 @contextmanager
