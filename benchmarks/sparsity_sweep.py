@@ -12,7 +12,8 @@ Two modes (``--mode``):
   fine-tuning, and tested. The pruning uses the core directly (``lightning_fisher.pruning.Pruner`` with
   ``schedule="one_shot"``, the estimator with a ``FisherContext`` filled like ``FisherPruning``'s: the
   model in training mode, the pruned weights, the trained optimizer, the training batches on the device
-  and augmented as in training, the module's loss, the batch size). The Fisher estimate of a method is
+  and augmented as in training, every pass over them from the random state of the estimate's start, so
+  every method reads the same augmented batches, the module's loss, the batch size). The Fisher estimate of a method is
   computed once from the dense model and reused for every target: a one-shot prune depends only on the
   dense model, so this equals recomputing it from a fresh copy per target (FishLeg's Q is learned with
   seeded probes, and its ``pretrain_steps`` updates run on the dense model either way). The dense
@@ -107,7 +108,16 @@ from torch.nn.utils import prune as torch_prune
 
 from lightning_fisher.callbacks import FisherPruning
 from lightning_fisher.data import CIFAR10DataModule
-from lightning_fisher.fisher import EmpiricalFisher, FisherContext, FisherEstimator, FishLegFisher, KroneckerFisher, Squisher
+from lightning_fisher.fisher import (
+    EmpiricalFisher,
+    FisherContext,
+    FisherEstimator,
+    FishLegFisher,
+    KroneckerFisher,
+    RepeatablePasses,
+    Squisher,
+    stream_preserved,
+)
 from lightning_fisher.fisher.fishleg import FVP_METHODS, REFRESH_MATCHES
 from lightning_fisher.models import ResNet18
 from lightning_fisher.module import ImageClassifier
@@ -526,10 +536,25 @@ def _recalibrate_bn(net: nn.Module, batches: Iterator[tuple[Tensor, Tensor]], co
 
 
 def estimate(method: str, dense: Dense, data: CIFAR10DataModule, args: argparse.Namespace) -> PruneInputs:
-    """The Fisher inputs of ``method``'s one-shot prune, from the dense model (restored afterwards)."""
+    """The Fisher inputs of ``method``'s one-shot prune, from the dense model (restored afterwards).
+
+    As in ``FisherPruning``, every pass over the training batches starts from the random state of the
+    estimate's start, which the estimate puts back: every method, in any order, and every pass of one
+    (FishLeg's pre-training, then its refreshed diagonal) read the same augmented batches."""
     fisher = _estimator(method, args)
     if fisher is None:
         return PruneInputs()
+    preserve = partial(stream_preserved, dense.device, data.preserved_rng)
+    batches = RepeatablePasses(_batches(data, dense.device), preserve)
+    with preserve():
+        try:
+            return _estimate(fisher, dense, data, batches, args)
+        finally:
+            batches.close()
+
+
+def _estimate(fisher: tuple[FisherEstimator, bool], dense: Dense, data: CIFAR10DataModule,
+              batches: RepeatablePasses, args: argparse.Namespace) -> PruneInputs:
     estimator, compensate = fisher
     saved = {k: v.detach().clone() for k, v in dense.net.state_dict().items()}
     estimator.check(dense.optimizer)
@@ -537,7 +562,7 @@ def estimate(method: str, dense: Dense, data: CIFAR10DataModule, args: argparse.
         model=dense.net,
         parameters=_pruned_weights(dense.net),
         optimizer=dense.optimizer,
-        batches=_batches(data, dense.device),
+        batches=batches,
         loss_fn=dense.loss_fn,
         batch_size=args.batch_size,
         extra={"masks": {}},

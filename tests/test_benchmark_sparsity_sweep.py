@@ -214,6 +214,24 @@ def test_estimate_leaves_the_dense_model_unchanged(sweep: ModuleType, trained: t
     assert not dense.net.training
 
 
+def test_every_estimate_reads_the_same_augmented_batches(sweep: ModuleType, trained: tuple) -> None:
+    # FishLeg without compensation, refreshed from an empirical diagonal, is damped empirical OBD: its
+    # pre-training updates read the batches first, yet its refresh sees the augmentations the empirical
+    # estimate sees, whatever ran before either (as FisherPruning's estimates do)
+    _, data, dense = trained
+    assert data.augment
+    args = sweep.parse_args(["--mode", "oneshot", "--epochs", "2", "--fishleg-pretrain", "3", "--fisher-samples", "20",
+                             "--fishleg-diagonal", "empirical", "--fishleg-relative-damping", "--fishleg-damping", "1",
+                             "--fishleg-refresh", *TINY])
+    first = sweep.estimate("empirical", dense, data, args).fisher
+    fishleg = sweep.estimate("fishleg", dense, data, args)
+    again = sweep.estimate("empirical", dense, data, args).fisher
+    assert fishleg.extra["fishleg_updates"] == 3
+    for name, value in first.items():
+        assert torch.equal(fishleg.fisher[name], value), name
+        assert torch.equal(again[name], value), name
+
+
 class _Meddling(FisherEstimator):
     """Moves BatchNorm statistics (a train-mode forward) and a weight while estimating."""
 

@@ -46,8 +46,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Generator, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from functools import partial
 from typing import Any, Literal
 
@@ -62,6 +62,7 @@ from torch.utils.data import DataLoader
 from torch.utils.hooks import RemovableHandle
 
 from lightning_fisher.fisher.base import FisherContext, FisherEstimator
+from lightning_fisher.fisher.passes import RepeatablePasses, stream_preserved
 from lightning_fisher.pruning.pruner import PruneEvent, Pruner
 from lightning_fisher.pruning.schedules import UNITS, Unit
 from lightning_fisher.pruning.scores import CRITERIA, Criterion
@@ -504,7 +505,7 @@ class FisherPruning(Callback):
             model=pl_module,
             parameters=dict(self.pruner.parameters),
             optimizer=self._optimizer(trainer),
-            batches=None if batches is None else _Passes(batches, trainer),
+            batches=None if batches is None else RepeatablePasses(batches, partial(_training_stream_preserved, trainer)),
             loss_fn=loss if callable(loss) else F.cross_entropy,
             batch_size=_loader_batch_size(trainer) or self._first_batch_size,
             accumulate_grad_batches=trainer.accumulate_grad_batches,
@@ -545,36 +546,6 @@ def _step_batches(
     yield from _training_batches(trainer, pl_module)
 
 
-class _Passes:
-    """``FisherContext.batches``: every call starts a pass over ``batches()`` from the random state of the
-    estimate's start.
-
-    Each pass draws inside its own ``_training_stream_preserved``; a pass still open when the next one
-    starts is closed first, which puts the state back, and ``_estimating`` closes the last one.
-    So an estimate that reads the batches more than once (FishLeg's pre-training updates, then its
-    refreshed diagonal) sees in each pass the augmented batches an estimator reading them once sees, and
-    no pass left open restores the state later, in the middle of training."""
-
-    def __init__(self, batches: Callable[[], Iterator[tuple[Tensor, Tensor]]], trainer: L.Trainer) -> None:
-        self._batches = batches
-        self._trainer = trainer
-        self._open: Generator[tuple[Tensor, Tensor], None, None] | None = None
-
-    def __call__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        self.close()
-        self._open = self._pass()
-        return self._open
-
-    def close(self) -> None:
-        if self._open is not None:
-            self._open.close()
-            self._open = None
-
-    def _pass(self) -> Generator[tuple[Tensor, Tensor], None, None]:
-        with _training_stream_preserved(self._trainer):
-            yield from self._batches()
-
-
 @contextmanager
 def _estimating(trainer: L.Trainer, context: FisherContext) -> Iterator[None]:
     """Around an estimate: the training stream preserved, and the context's last pass over its batches
@@ -583,21 +554,16 @@ def _estimating(trainer: L.Trainer, context: FisherContext) -> Iterator[None]:
         try:
             yield
         finally:
-            if isinstance(context.batches, _Passes):
+            if isinstance(context.batches, RepeatablePasses):
                 context.batches.close()
 
 
-@contextmanager
-def _training_stream_preserved(trainer: L.Trainer) -> Iterator[None]:
+def _training_stream_preserved(trainer: L.Trainer) -> AbstractContextManager[None]:
     """Random state the training stream draws from, restored on exit: torch's global generators (CPU and
     the training GPU) and the datamodule's own where it offers ``preserved_rng()`` (ImageDataModule's
     augmentation). The batches a Fisher estimate draws then leave the batches training sees unchanged."""
-    device = trainer.strategy.root_device
     preserve = getattr(trainer.datamodule, "preserved_rng", None)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), (
-        preserve() if callable(preserve) else nullcontext()
-    ):
-        yield
+    return stream_preserved(trainer.strategy.root_device, *([preserve] if callable(preserve) else []))
 
 
 def _before_transfer_hook(trainer: L.Trainer, pl_module: L.LightningModule) -> Callable[[Any, int], Any] | None:

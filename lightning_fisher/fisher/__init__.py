@@ -5,6 +5,7 @@ from lightning_fisher.fisher.empirical import EmpiricalFisher
 from lightning_fisher.fisher.fishleg import FishLegFisher
 from lightning_fisher.fisher.kronecker import KroneckerFisher
 from lightning_fisher.fisher.monte_carlo import MonteCarloFisher
+from lightning_fisher.fisher.passes import RepeatablePasses, stream_preserved
 from lightning_fisher.fisher.squisher import SUPPORTED_OPTIMIZERS, Squisher
 
 __all__ = [
@@ -16,5 +17,7 @@ __all__ = [
     "KroneckerFisher",
     "LossFn",
     "MonteCarloFisher",
+    "RepeatablePasses",
     "Squisher",
+    "stream_preserved",
 ]
