@@ -27,8 +27,8 @@ for name, rows in {"emp355": [(0.4289, 0.4170), (0.4325, 0.4237), (0.4342, 0.424
 
 GROUPS = {
     ("0.95", "0.98"): (
-        ["obs13", "emp13", "sq13", "mag13", "fl13", "obsep", "flep", "obsep355", "fl13fix", "fl13exact", "fl13passes", "emp13re"],
-        [("obs13", "emp13"), ("obs13", "sq13"), ("obs13", "mag13"), ("obs13", "fl13"), ("obsep", "flep"),
+        ["obs13", "obs13p", "emp13", "sq13", "mag13", "fl13", "obsep", "flep", "obsep355", "fl13fix", "fl13exact", "fl13passes", "emp13re"],
+        [("obs13", "emp13"), ("obs13p", "emp13"), ("obs13p", "sq13"), ("obs13p", "mag13"), ("obs13p", "obs13"), ("obs13", "sq13"), ("obs13", "mag13"), ("obs13", "fl13"), ("obsep", "flep"),
          ("obs13", "obsep"), ("fl13", "emp13"), ("obsep", "obsep355"), ("fl13fix", "emp13"), ("fl13exact", "emp13"), ("fl13passes", "emp13"), ("emp13re", "emp13")],
     ),
     ("0.8", "0.9"): (
