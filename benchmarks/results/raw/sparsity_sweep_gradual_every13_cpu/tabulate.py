@@ -27,14 +27,19 @@ for name, rows in {"emp355": [(0.4289, 0.4170), (0.4325, 0.4237), (0.4342, 0.424
 
 GROUPS = {
     ("0.95", "0.98"): (
-        ["obs13", "obs13p", "emp13", "sq13", "mag13", "fl13", "obsep", "flep", "obsep355", "fl13fix", "fl13exact", "fl13passes", "emp13re"],
+        ["obs13", "obs13p", "emp13", "sq13", "mag13", "fl13", "obsep", "flep", "obsep355", "fl13fix", "fl13exact", "fl13passes", "emp13re",
+         "obsep95p", "empep95"],
         [("obs13", "emp13"), ("obs13p", "emp13"), ("obs13p", "sq13"), ("obs13p", "mag13"), ("obs13p", "obs13"), ("obs13", "sq13"), ("obs13", "mag13"), ("obs13", "fl13"), ("obsep", "flep"),
-         ("obs13", "obsep"), ("fl13", "emp13"), ("obsep", "obsep355"), ("fl13fix", "emp13"), ("fl13exact", "emp13"), ("fl13passes", "emp13"), ("emp13re", "emp13")],
+         ("obs13", "obsep"), ("fl13", "emp13"), ("obsep", "obsep355"), ("fl13fix", "emp13"), ("fl13exact", "emp13"), ("fl13passes", "emp13"), ("emp13re", "emp13"),
+         ("obsep95p", "empep95"), ("obsep95p", "obsep"), ("obs13p", "obsep95p"), ("emp13", "empep95")],
     ),
     ("0.8", "0.9"): (
-        ["obs13m", "emp13m", "fl13m", "obsepm", "empep", "emp355", "obsep355u10"],
+        ["obs13m", "emp13m", "fl13m", "obsepm", "empep", "emp355", "obsep355u10",
+         "obs13mp", "emp13mre", "obsepmp", "empepm"],
         [("obs13m", "emp13m"), ("obs13m", "fl13m"), ("fl13m", "emp13m"), ("obsepm", "emp355"),
-         ("obsepm", "obsep355u10"), ("empep", "emp355")],
+         ("obsepm", "obsep355u10"), ("empep", "emp355"),
+         ("obs13mp", "emp13m"), ("obs13mp", "obs13m"), ("emp13mre", "emp13m"), ("obsepmp", "empepm"),
+         ("obsepmp", "obsepm"), ("empepm", "emp355"), ("obs13mp", "obsepmp")],
     ),
 }
 
