@@ -35,10 +35,10 @@ GROUPS = {
     ),
     ("0.8", "0.9"): (
         ["obs13m", "emp13m", "fl13m", "obsepm", "empep", "emp355", "obsep355u10",
-         "obs13mp", "emp13mre", "obsepmp", "empepm"],
+         "obs13mp", "obsepmp", "empepm"],
         [("obs13m", "emp13m"), ("obs13m", "fl13m"), ("fl13m", "emp13m"), ("obsepm", "emp355"),
          ("obsepm", "obsep355u10"), ("empep", "emp355"),
-         ("obs13mp", "emp13m"), ("obs13mp", "obs13m"), ("emp13mre", "emp13m"), ("obsepmp", "empepm"),
+         ("obs13mp", "emp13m"), ("obs13mp", "obs13m"), ("obsepmp", "empepm"),
          ("obsepmp", "obsepm"), ("empepm", "emp355"), ("obs13mp", "obsepmp")],
     ),
 }
